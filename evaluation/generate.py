@@ -1,0 +1,68 @@
+"""Batched greedy generation and masked eval loss, on prompts tokenized exactly as for training and serving."""
+from __future__ import annotations
+
+import math
+
+from training.tokenize import IGNORE, encode_chat, prompt_ids
+
+
+def load_model(path: str, revision: str | None = None, dtype: str | None = None, trust_remote_code: bool = False):
+    """A causal LM for inference: 16-bit weights on GPU, float32 on CPU (never quantized)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype is None:
+        dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """End-of-turn plus whatever the model's generation config already stops on."""
+    ids = {tokenizer.eos_token_id}
+    configured = model.generation_config.eos_token_id
+    ids.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    return sorted(i for i in ids if i is not None)
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers to each conversation's final user turn (its last assistant turn is left out)."""
+    import torch
+
+    prompts = [prompt_ids(tokenizer, messages) for messages in conversations]
+    stops = stop_token_ids(tokenizer, model)
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        width = max(len(p) for p in batch)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch], device=model.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
+        with torch.no_grad():
+            generated = model.generate(
+                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+            )
+        for row in generated[:, width:]:
+            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return outputs
+
+
+def eval_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> float:
+    """Mean negative log-likelihood per assistant token (the tokens training puts a loss on)."""
+    import torch
+
+    encoded = [encode_chat(tokenizer, messages) for messages in conversations]
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        width = max(len(e.input_ids) for e in batch)
+        ids = torch.tensor([e.input_ids + [tokenizer.pad_token_id] * (width - len(e.input_ids)) for e in batch], device=model.device)
+        labels = torch.tensor([e.labels + [IGNORE] * (width - len(e.labels)) for e in batch], device=model.device)
+        attention = (torch.arange(width, device=model.device)[None, :] < torch.tensor([len(e.input_ids) for e in batch], device=model.device)[:, None]).long()
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attention).logits.float()
+        shifted = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int((shifted != IGNORE).sum().item())
+    return total_nll / total_tokens if total_tokens else math.nan

@@ -1,0 +1,128 @@
+"""The `finetune` Prefect flow: one thin task per stage, each publishing what a person reads in the UI."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from data_prep.prepare import PreparedData, prepare_data, source_fingerprint
+from evaluation.evaluate import EvalResult, evaluate
+from evaluation.gates import GateDecision, GateRejected, decide
+from recipes import Recipe, recipe_hash
+from serving.export import ArtifactResult, export_artifact
+from training.train import TrainResult, train
+
+
+def run_folder(recipe: Recipe, output_dir: str | Path) -> Path:
+    """<output_dir>/<name>-<hash of recipe + source files>: a changed recipe or source gets a new folder."""
+    digest = hashlib.sha256(f"{recipe_hash(recipe)}\x00{source_fingerprint(recipe.data)}".encode()).hexdigest()
+    return Path(output_dir).resolve() / f"{recipe.name}-{digest[:12]}"
+
+
+@task(name="prepare-data")
+def prepare_data_task(recipe: Recipe, run_dir: Path) -> PreparedData:
+    """Read, validate, quarantine and split the data."""
+    data = prepare_data(recipe.data, run_dir / "data")
+    create_table_artifact(
+        key="data-counts",
+        table=[{"source": s.path, "rows in": s.rows_in, "kept": s.kept, "quarantined": s.quarantined,
+                "formats": ", ".join(f"{k}: {v}" for k, v in s.formats.items())} for s in data.sources],
+        description=f"Data: {data.train_rows} train, {data.eval_rows} eval, {data.quarantined_rows} quarantined "
+        f"rows (see {data.quarantine_path}); fingerprint {data.fingerprint[:16]}",
+    )
+    return data
+
+
+@task(name="train")
+def train_task(recipe: Recipe, data: PreparedData, run_dir: Path) -> TrainResult:
+    """Train the LoRA/QLoRA adapter."""
+    trained = train(recipe.training, recipe.model, recipe.tracking, data, run_dir / "training",
+                    run_name=recipe.name, run_config=recipe.model_dump(mode="json"))
+    m = trained.metrics
+    create_markdown_artifact(
+        key="training-summary",
+        markdown=f"""# Training: {recipe.name}
+| | |
+|---|---|
+| base model | `{trained.base.model_id}` ({trained.base.model_type}) |
+| backend | {m['backend']} ({m['backend_reason']}) on {m['device']} |
+| adapter | {recipe.training.adapter}, r={recipe.training.lora.r} |
+| steps / epochs | {m['steps']} / {m['epochs']} |
+| loss first / final | {m['first_logged_loss']} / {m['final_logged_loss']} |
+| rows (left out as too long) | {m['train_rows']} ({m['dropped_rows']}) |
+| tokens, trained share | {m['train_tokens']}, {m['trained_token_fraction']} |
+| tokens/s, runtime | {m['tokens_per_s']}, {m['runtime_s']} s |
+| wandb | {m['wandb'] or 'disabled'} |
+""",
+        description="Training summary",
+    )
+    return trained
+
+
+@task(name="evaluate")
+def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_dir: Path) -> EvalResult:
+    """Score base and candidate on the same held-out rows."""
+    result = evaluate(recipe.evaluation, recipe.model, trained, data, run_dir / "eval")
+    create_table_artifact(
+        key="evaluation",
+        table=[{"metric": k, "base": round(result.base[k], 4), "candidate": round(result.candidate[k], 4),
+                "delta": round(result.delta[k], 4)} for k in result.candidate],
+        description=f"Evaluation on {result.examples} held-out rows; per-example outputs in {result.report_path}",
+    )
+    return result
+
+
+@task(name="gate")
+def gate_task(recipe: Recipe, evaluation: EvalResult) -> GateDecision:
+    """Apply the recipe's gates; a failure stops the flow before export."""
+    decision = decide(recipe.evaluation.gates, evaluation.candidate, evaluation.base)
+    create_table_artifact(
+        key="gate-decision",
+        table=[{"gate": r.describe(), "passed": r.passed} for r in decision.results] or [{"gate": "none configured", "passed": True}],
+        description="Gate decision: " + ("PASSED" if decision.passed else decision.failure_message()),
+    )
+    if not decision.passed:
+        raise GateRejected(decision.failure_message())
+    return decision
+
+
+@task(name="export")
+def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evaluation: EvalResult,
+                decision: GateDecision, run_dir: Path) -> ArtifactResult:
+    """Merge, check and write the vLLM-ready artifact."""
+    lineage = {
+        "name": recipe.name,
+        "recipe": recipe.model_dump(mode="json"),
+        "recipe_hash": recipe_hash(recipe),
+        "data": {"fingerprint": data.fingerprint, "train_rows": data.train_rows, "eval_rows": data.eval_rows,
+                 "quarantined_rows": data.quarantined_rows, "report": data.report_path},
+        "evaluation": evaluation.to_dict(),
+        "gates": decision.to_dict(),
+        "max_seq_length": recipe.training.max_seq_length,
+    }
+    artifact = export_artifact(recipe.export, recipe.model, trained, data.eval_path, lineage, run_dir)
+    equivalence = artifact.manifest["merge"]["equivalence"] or {}
+    create_markdown_artifact(
+        key="artifact",
+        markdown=f"""# Artifact: {recipe.name}
+- path: `{artifact.path}`
+- serve: `{artifact.path}/serve.sh`
+- merged vs adapter: max |logit diff| {equivalence.get('max_abs_logit_diff', 'n/a')} (tolerance {equivalence.get('tolerance', 'n/a')}), greedy match {equivalence.get('greedy_match', 'n/a')}
+- adapter servable by vLLM: {artifact.manifest['adapter']['vllm_servable']}
+""",
+        description="vLLM-ready artifact",
+    )
+    return artifact
+
+
+@flow(name="finetune")
+def finetune(recipe: Recipe, output_dir: str = "runs") -> str:
+    """Data -> training -> evaluation -> gates -> export; returns the artifact folder."""
+    run_dir = run_folder(recipe, output_dir)
+    data = prepare_data_task(recipe, run_dir)
+    trained = train_task(recipe, data, run_dir)
+    evaluation = evaluate_task(recipe, trained, data, run_dir)
+    decision = gate_task(recipe, evaluation)
+    return export_task(recipe, trained, data, evaluation, decision, run_dir).path

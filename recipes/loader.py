@@ -1,0 +1,181 @@
+"""Load a recipe from YAML plus `--set path=value` overrides, with errors that name the field and the fix."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from recipes.schema import Recipe
+
+
+class RecipeError(ValueError):
+    """An invalid recipe: one line per problem, each `field.path: message`."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file (or the defaults when path is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+        _resolve_relative_paths(raw, Path(path).resolve().parent)
+    for override in overrides or []:
+        _apply_override(raw, override)
+    return recipe_from_dict(raw)
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    """Validate a (partial) recipe dict, turning pydantic's errors into field-path lines."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError([_error_line(err) for err in exc.errors()]) from None
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """A stable hash of the fully resolved recipe (defaults included)."""
+    canonical = json.dumps(recipe.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError([f"{path}: recipe file not found"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"{path}: not valid YAML: {' '.join(str(exc).split())}"]) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    """Data paths and template files written in a recipe are relative to the recipe's own folder."""
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("sources", "eval_sources"):
+            for source in data.get(key) or []:
+                if isinstance(source, dict) and isinstance(source.get("path"), str):
+                    source["path"] = _anchor(source["path"], base_dir)
+    model = raw.get("model")
+    if isinstance(model, dict):
+        for key in ("base", "chat_template"):
+            value = model.get(key)
+            if isinstance(value, str) and (value.startswith((".", "/")) or value.endswith(".jinja")) and "\n" not in value:
+                model[key] = _anchor(value, base_dir)
+
+
+def _anchor(value: str, base_dir: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """`training.lora.r=8` sets raw['training']['lora']['r'] = 8; values are parsed as YAML scalars/lists."""
+    if "=" not in override:
+        raise RecipeError([f"--set {override}: expected path=value, e.g. training.epochs=2"])
+    dotted, _, text = override.partition("=")
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys:
+        raise RecipeError([f"--set {override}: empty field path"])
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node: Any = raw
+    for i, key in enumerate(keys[:-1]):
+        nxt = keys[i + 1]
+        node = _child(node, key, default=[] if nxt.isdigit() else {}, where=".".join(keys[: i + 1]))
+    _set(node, keys[-1], value, where=dotted)
+
+
+def _child(node: Any, key: str, default: Any, where: str) -> Any:
+    if isinstance(node, list):
+        index = _index(key, node, where)
+        return node[index]
+    if not isinstance(node, dict):
+        raise RecipeError([f"{where}: cannot set a field inside a {type(node).__name__}"])
+    if not isinstance(node.get(key), (dict, list)):
+        node[key] = default
+    return node[key]
+
+
+def _set(node: Any, key: str, value: Any, where: str) -> None:
+    if isinstance(node, list):
+        index = int(key) if key.isdigit() else -1
+        if index == len(node):
+            node.append(value)
+            return
+        node[_index(key, node, where)] = value
+    elif isinstance(node, dict):
+        node[key] = value
+    else:
+        raise RecipeError([f"{where}: cannot set a field inside a {type(node).__name__}"])
+
+
+def _index(key: str, node: list, where: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise RecipeError([f"{where}: list index {key!r} out of range (the list has {len(node)} items)"])
+    return int(key)
+
+
+def _error_line(err: dict[str, Any]) -> str:
+    loc = [str(part) for part in err["loc"]]
+    path = ".".join(loc) or "recipe"
+    if err["type"] == "extra_forbidden":
+        suggestion = _closest_field(err["loc"])
+        hint = f"; did you mean '{suggestion}'?" if suggestion else ""
+        return f"{path}: unknown key{hint}"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] not in ("missing", "model_type") and "input" in err and not isinstance(err["input"], (dict, list)):
+        message += f" (got {err['input']!r})"
+    return f"{path}: {message}"
+
+
+# Names other fine-tuning tools use for our fields; suggested when the field exists where the key was found.
+ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules",
+    "num_epochs": "epochs", "num_train_epochs": "epochs", "lr": "learning_rate", "micro_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size", "sequence_len": "max_seq_length", "max_length": "max_seq_length",
+    "base_model": "base", "model_name": "base", "model_id": "base",
+}
+
+
+def _closest_field(loc: tuple) -> str | None:
+    """Walk the schema along loc to the model owning the unknown key and suggest its closest field."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        model = _model_of(field.annotation) if field else None
+    if model is None:
+        return None
+    key = str(loc[-1])
+    if ALIASES.get(key) in model.model_fields:
+        return ALIASES[key]
+    matches = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found:
+            return found
+    return None

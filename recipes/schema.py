@@ -1,0 +1,201 @@
+"""The recipe schema: every option of every stage, with its default, description and validation.
+
+Defaults live here and nowhere else. Every section forbids unknown keys, so a typo is an error rather
+than a silently ignored setting. Each stage receives only its own section.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "data"
+TINY_PREFIX = "tiny:"
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Metrics the evaluation stage produces, and whether a higher value is better.
+METRICS: dict[str, bool] = {"exact_match": True, "eval_loss": False}
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    base: str = Field(
+        "tiny:llama",
+        description="Base model: a hub id (e.g. meta-llama/Llama-3.2-1B-Instruct), a local folder, or "
+        "tiny:llama | tiny:mistral | tiny:qwen2 | tiny:qwen3 for a small random model built locally.",
+    )
+    revision: str | None = Field(
+        None, description="Hub revision (commit, tag or branch) to pin; recorded in the artifact's lineage."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template override: a path to a .jinja file or the template text. "
+        "Default: the tokenizer's own template, else the family's.",
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the hub repo. Leave off unless you trust it.")
+
+    @model_validator(mode="after")
+    def _tiny_family_known(self) -> "ModelSection":
+        if self.base.startswith(TINY_PREFIX) and self.base[len(TINY_PREFIX):] not in TINY_FAMILIES:
+            raise ValueError(
+                f"unknown tiny model {self.base!r}; use one of " + ", ".join(TINY_PREFIX + f for f in TINY_FAMILIES)
+            )
+        return self
+
+
+class DataSource(Section):
+    path: str = Field(description="A local JSONL, JSON, CSV or Parquet file. Relative paths are read from the recipe's folder.")
+    format: Literal["auto", "chat", "alpaca", "completion"] = Field(
+        "auto",
+        description="Row format: chat ({messages}), alpaca ({instruction, input, output}), completion "
+        "({prompt, completion}); auto detects it per row.",
+    )
+
+
+def _sample_sources() -> list[DataSource]:
+    return [DataSource(path=str(SAMPLE_DATA_DIR / "support_tickets_train.jsonl"))]
+
+
+class DataSection(Section):
+    sources: list[DataSource] = Field(
+        default_factory=_sample_sources, min_length=1, description="Training data files (default: the shipped support-ticket sample)."
+    )
+    eval_sources: list[DataSource] = Field(
+        default_factory=list,
+        description="Held-out evaluation files. When empty, eval_fraction of the sources is split off instead.",
+    )
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows held out for evaluation when there are no eval_sources.")
+    seed: int = Field(42, description="Seed of the deterministic train/eval split.")
+    system_prompt: str | None = Field(None, description="System message added to rows that have none.")
+    max_invalid_fraction: float = Field(
+        0.05, ge=0, le=1, description="Fail the stage when more than this share of rows is quarantined."
+    )
+
+
+class LoraSection(Section):
+    r: int = Field(16, gt=0, le=512, description="LoRA rank. Higher adds capacity and memory; vLLM serves ranks up to 512.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input. 0 lets unsloth use its fast path.")
+    target_modules: Literal["attention", "all-linear"] | list[str] = Field(
+        "all-linear",
+        description="Which linear layers get adapters: a preset (attention | all-linear) resolved by the model "
+        "family, or explicit module names.",
+    )
+
+
+class TrainingSection(Section):
+    method: Literal["sft"] = Field("sft", description="Training method. sft: supervised fine-tuning on assistant turns.")
+    adapter: Literal["lora", "qlora"] = Field(
+        "lora", description="lora: 16/32-bit base + LoRA; qlora: base loaded in 4-bit nf4 (bitsandbytes) + LoRA."
+    )
+    backend: Literal["auto", "unsloth", "hf"] = Field(
+        "auto", description="unsloth (FastLanguageModel), hf (transformers + peft), or auto: unsloth when it imports."
+    )
+    lora: LoraSection = Field(default_factory=LoraSection)
+    epochs: float = Field(1.0, gt=0, description="Passes over the training rows (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps; overrides epochs.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of the adapter weights.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
+    batch_size: int = Field(8, gt=0, description="Rows per device per step. Higher is faster and uses more memory.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches summed per optimizer step.")
+    max_seq_length: int = Field(2048, gt=0, description="Longest row in tokens; longer rows are quarantined, never cut silently.")
+    packing: bool = Field(False, description="Pack several rows into one sequence (padding-free, no attention across rows).")
+    seed: int = Field(42, description="Seed for adapter initialisation and data order.")
+    logging_steps: int = Field(10, gt=0, description="Log loss every N steps.")
+    save_steps: int = Field(100, gt=0, description="Checkpoint every N optimizer steps; a rerun resumes from the latest.")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (the newest ones).")
+    min_trained_token_fraction: float = Field(
+        0.01, ge=0, le=1, description="Fail when fewer than this share of non-pad tokens carry a loss (masking gone wrong)."
+    )
+    max_trained_token_fraction: float = Field(
+        0.9, ge=0, le=1, description="Fail when more than this share of non-pad tokens carry a loss (prompts trained on)."
+    )
+
+    @model_validator(mode="after")
+    def _fraction_bounds_ordered(self) -> "TrainingSection":
+        if self.min_trained_token_fraction >= self.max_trained_token_fraction:
+            raise ValueError("min_trained_token_fraction must be below max_trained_token_fraction")
+        return self
+
+
+class Gate(Section):
+    metric: str = Field(description="Metric name: " + ", ".join(METRICS))
+    min: float | None = Field(None, description="Candidate value must be at least this.")
+    max: float | None = Field(None, description="Candidate value must be at most this.")
+    min_delta_vs_base: float | None = Field(None, description="Candidate minus base must be at least this.")
+    max_delta_vs_base: float | None = Field(None, description="Candidate minus base must be at most this (e.g. -0.1 for loss).")
+
+    @model_validator(mode="after")
+    def _one_known_threshold(self) -> "Gate":
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; use one of: " + ", ".join(METRICS))
+        set_bounds = [k for k in ("min", "max", "min_delta_vs_base", "max_delta_vs_base") if getattr(self, k) is not None]
+        if len(set_bounds) != 1:
+            raise ValueError(
+                "a gate needs exactly one of min, max, min_delta_vs_base, max_delta_vs_base "
+                f"(got {', '.join(set_bounds) or 'none'})"
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("min", "max", "min_delta_vs_base", "max_delta_vs_base") if getattr(self, k) is not None)
+
+    @property
+    def threshold(self) -> float:
+        return getattr(self, self.kind)
+
+
+class GenerationSection(Section):
+    max_new_tokens: int = Field(64, gt=0, description="Longest generated answer in evaluation.")
+    batch_size: int = Field(16, gt=0, description="Prompts generated together (greedy decoding).")
+
+
+class EvaluationSection(Section):
+    max_samples: int | None = Field(200, gt=0, description="Evaluate on at most this many held-out rows (None: all).")
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    gates: list[Gate] = Field(default_factory=list, description="Promotion gates; any failure stops the run before export.")
+
+
+class ExportSection(Section):
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype of the merged weights. vLLM serves fp32 checkpoints as fp16, so ship bf16."
+    )
+    merged: bool = Field(True, description="Write model/: the adapter merged into the 16-bit base.")
+    adapter: bool = Field(True, description="Write adapter/: the LoRA adapter for vLLM multi-LoRA serving.")
+    max_shard_size: str = Field("5GB", description="Largest safetensors shard.")
+    check_prompts: int = Field(4, gt=0, description="Eval prompts used to compare the merged model with the adapter model.")
+    max_model_len: int | None = Field(None, gt=0, description="vLLM --max-model-len (default: training.max_seq_length).")
+    tensor_parallel_size: int = Field(1, gt=0, description="vLLM --tensor-parallel-size in the launch file.")
+
+    @model_validator(mode="after")
+    def _something_to_export(self) -> "ExportSection":
+        if not (self.merged or self.adapter):
+            raise ValueError("merged and adapter are both false: nothing would be exported")
+        return self
+
+
+class TrackingSection(Section):
+    mode: Literal["disabled", "offline", "online"] = Field(
+        "disabled", description="wandb mode: offline writes a local run folder you can `wandb sync` later."
+    )
+    project: str = Field("ftpipe", min_length=1, description="wandb project name.")
+
+
+class Recipe(Section):
+    name: str = Field(
+        "quickstart", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Run and model name: lowercase letters, digits, . _ -"
+    )
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)

@@ -1,0 +1,100 @@
+"""The artifact's model card (README.md with Hugging Face metadata) and its `vllm serve` launch file."""
+from __future__ import annotations
+
+import json
+import shlex
+
+import yaml
+
+
+def model_card(manifest: dict) -> str:
+    """A model card built only from the manifest, so it never says more than the lineage records."""
+    evaluation, base = manifest["evaluation"], manifest["base_model"]
+    metadata = {
+        "base_model": base["model_id"],
+        "library_name": "transformers",
+        "license": "other",
+        "tags": ["ftpipe", "lora", manifest["recipe"]["training"]["method"], base["model_type"]],
+        "datasets": [f"sha256:{manifest['data']['fingerprint']}"],
+        "model-index": [{
+            "name": manifest["name"],
+            "results": [{
+                "task": {"type": "text-generation"},
+                "dataset": {"name": "held-out split", "type": f"sha256:{manifest['data']['fingerprint'][:16]}"},
+                "metrics": [{"type": k, "value": round(v, 4)} for k, v in evaluation["candidate"].items()],
+            }],
+        }],
+    }
+    rows = "\n".join(
+        f"| {k} | {evaluation['base'][k]:.4f} | {evaluation['candidate'][k]:.4f} | {evaluation['candidate'][k] - evaluation['base'][k]:+.4f} |"
+        for k in evaluation["candidate"]
+    )
+    gates = "\n".join(f"- {'PASS' if g['passed'] else 'FAIL'}: {g['description']}" for g in manifest["gates"]["results"]) or "- none configured"
+    training = manifest["training"]
+    equivalence = manifest["merge"]["equivalence"]
+    return f"""---
+{yaml.safe_dump(metadata, sort_keys=False).strip()}
+---
+
+# {manifest['name']}
+
+Fine-tuned by ftpipe from `{base['model_id']}` (revision `{base['revision'] or 'n/a'}`, architecture `{base['architecture']}`)
+with a {manifest['recipe']['training']['adapter'].upper()} adapter (r={manifest['adapter']['r']}, alpha={manifest['adapter']['lora_alpha']}).
+
+## Intended use
+The task the training data describes; see the recipe below. Not evaluated for other uses.
+
+## Evaluation ({evaluation['examples']} held-out examples, same rows for both models)
+| metric | base | candidate | delta |
+|---|---|---|---|
+{rows}
+
+## Gates
+{gates}
+
+## Training
+- backend: {training['backend']} ({training['backend_reason']}), device: {training['device']}
+- steps: {training['steps']}, epochs: {training['epochs']}, final loss: {training['final_logged_loss']}
+- rows: {training['train_rows']} ({training['dropped_rows']} left out as too long), trained-token share: {training['trained_token_fraction']}
+- data fingerprint: `{manifest['data']['fingerprint']}`
+- recipe hash: `{manifest['recipe_hash']}`
+
+## Merge
+{manifest['merge']['method']}, saved as {manifest['merge']['dtype']}.
+Merged vs adapter model: {json.dumps(equivalence) if equivalence else 'not exported'}
+
+## Limitations
+Evaluated only on the held-out split of the training data source. No safety evaluation was run by this recipe.
+
+## Recipe
+```json
+{json.dumps(manifest['recipe'], indent=2)}
+```
+"""
+
+
+def launch_script(manifest: dict) -> str:
+    """`vllm serve` for the merged model; the adapter line is given when vLLM can serve the adapter."""
+    serving = manifest["serving"]
+    name = manifest["name"]
+    args = [
+        "--served-model-name", name, "--dtype", serving["dtype"], "--max-model-len", str(serving["max_model_len"]),
+        "--tensor-parallel-size", str(serving["tensor_parallel_size"]), "--gpu-memory-utilization", "0.9",
+        "--generation-config", "auto",
+    ]
+    adapter_note = "# The adapter is not servable by vLLM LoRA: " + "; ".join(manifest["adapter"]["vllm_problems"])
+    if manifest["adapter"]["vllm_servable"] and manifest["adapter"]["included"]:
+        from serving.checks import vllm_max_lora_rank
+
+        adapter_note = (
+            "# Base + adapter instead (multi-LoRA):\n"
+            f"# vllm serve {shlex.quote(manifest['base_model']['path'])} --enable-lora --max-lora-rank "
+            f"{vllm_max_lora_rank(manifest['adapter']['r'])} --lora-modules {name}=\"$HERE/adapter\""
+        )
+    return f"""#!/usr/bin/env bash
+# Serve this artifact with vLLM's OpenAI-compatible server (port 8000). Extra arguments are passed on.
+set -euo pipefail
+HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+exec vllm serve "$HERE/model" {shlex.join(args)} "$@"
+{adapter_note}
+"""

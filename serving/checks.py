@@ -1,0 +1,112 @@
+"""Checks that an exported folder is what vLLM loads and what training saw.
+
+Each check returns a list of problems (empty when fine), one sentence each, so the export can fail with
+all of them at once and `ftpipe check-artifact` can print them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training.families import FAMILIES
+from training.tokenize import encode_chat
+
+# Architectures vLLM serves for the families we train (vllm/model_executor/models/registry.py).
+VLLM_ARCHITECTURES = {f.architecture for f in FAMILIES.values()}
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def check_merged_model(model_dir: Path) -> list[str]:
+    """config, weights, index, tokenizer, chat template and stop tokens of a merged model folder."""
+    problems: list[str] = []
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        return [f"{config_path}: missing"]
+    config = json.loads(config_path.read_text())
+    architectures = config.get("architectures") or []
+    if not architectures or architectures[0] not in VLLM_ARCHITECTURES:
+        problems.append(f"config.json: architectures {architectures} is not one vLLM serves for our families ({', '.join(sorted(VLLM_ARCHITECTURES))})")
+    if "quantization_config" in config:
+        problems.append("config.json: quantization_config is left in; vLLM would try to load quantized weights")
+    problems += _check_weights(model_dir)
+    problems += _check_tokenizer_files(model_dir)
+    problems += _check_stop_tokens(model_dir)
+    return problems
+
+
+def _check_weights(model_dir: Path) -> list[str]:
+    problems = [f"{p.name}: a consolidated*.safetensors file switches vLLM to Mistral's format; remove it"
+                for p in model_dir.glob("consolidated*.safetensors")]
+    index_path = model_dir / "model.safetensors.index.json"
+    if not index_path.is_file():
+        return problems + ["model.safetensors.index.json: missing"]
+    shards = set(json.loads(index_path.read_text()).get("weight_map", {}).values())
+    if not shards:
+        problems.append("model.safetensors.index.json: weight_map is empty")
+    problems += [f"{shard}: named in the index but missing" for shard in sorted(shards) if not (model_dir / shard).is_file()]
+    return problems
+
+
+def _check_tokenizer_files(model_dir: Path) -> list[str]:
+    problems = []
+    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer.model").is_file():
+        problems.append("tokenizer: no tokenizer.json or tokenizer.model")
+    if not (model_dir / "chat_template.jinja").is_file():
+        problems.append("chat_template.jinja: missing; vLLM has no fallback template for these families")
+    tok_config = model_dir / "tokenizer_config.json"
+    if not tok_config.is_file() or not json.loads(tok_config.read_text()).get("chat_template"):
+        problems.append("tokenizer_config.json: no chat_template field")
+    return problems
+
+
+def _check_stop_tokens(model_dir: Path) -> list[str]:
+    gen_path = model_dir / "generation_config.json"
+    tok_config = model_dir / "tokenizer_config.json"
+    if not gen_path.is_file():
+        return ["generation_config.json: missing; vLLM reads its eos_token_id as stop tokens"]
+    if not tok_config.is_file():
+        return []
+    eos_token = json.loads(tok_config.read_text()).get("eos_token")
+    from transformers import AutoTokenizer
+
+    eos_id = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids(eos_token) if eos_token else None
+    configured = json.loads(gen_path.read_text()).get("eos_token_id")
+    configured = configured if isinstance(configured, list) else [configured]
+    if eos_id is not None and eos_id not in configured:
+        return [f"generation_config.json: eos_token_id {configured} does not include the end-of-turn token {eos_token!r} (id {eos_id}); generations would not stop"]
+    return []
+
+
+def check_adapter_servable(adapter_config: dict, max_lora_rank: int = 512) -> list[str]:
+    """Reasons vLLM's LoRA serving would refuse this adapter (empty when it would load it)."""
+    problems = []
+    if adapter_config.get("modules_to_save"):
+        problems.append(f"modules_to_save {adapter_config['modules_to_save']} (full lm_head/embedding copies) is not served by vLLM LoRA")
+    if adapter_config.get("use_dora"):
+        problems.append("DoRA adapters are not served by vLLM LoRA")
+    if adapter_config.get("bias", "none") != "none":
+        problems.append(f"bias={adapter_config['bias']!r}; vLLM LoRA serves bias='none' only")
+    rank = adapter_config.get("r", 0)
+    if rank > max_lora_rank:
+        problems.append(f"rank {rank} is above vLLM's largest --max-lora-rank {max_lora_rank}")
+    return problems
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest --max-lora-rank value vLLM accepts that fits this rank."""
+    return next(r for r in VLLM_LORA_RANKS if r >= rank)
+
+
+def check_template_matches_training(tokenizer, sample: list[dict]) -> list[str]:
+    """Render the rows training saw with the shipped tokenizer: token ids must be identical, and the prompt a
+    server builds (apply_chat_template with a generation prompt) must be the prefix training used."""
+    problems = []
+    for i, item in enumerate(sample):
+        messages = item["messages"]
+        if encode_chat(tokenizer, messages).input_ids != item["input_ids"]:
+            problems.append(f"sample row {i}: the shipped tokenizer/chat template gives different token ids than training saw")
+            continue
+        server_prompt = list(tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=False))
+        if server_prompt != item["input_ids"][: len(server_prompt)]:
+            problems.append(f"sample row {i}: the prompt a server builds differs from the prompt training used")
+    return problems

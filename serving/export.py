@@ -1,0 +1,231 @@
+"""The export stage: merge the adapter into the unquantized base, check it, and write the vLLM-ready artifact.
+
+Everything is written into a staging folder and renamed to `artifact/` only after every check passed,
+so a folder named `artifact` is always complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.files import atomic_write_json, atomic_write_text, checksums
+from data_prep.prepare import read_jsonl
+from recipes.schema import ExportSection, ModelSection
+from serving.cards import launch_script, model_card
+from serving.checks import check_adapter_servable, check_merged_model, check_template_matches_training
+from training.tokenize import prompt_ids
+from training.train import TrainResult
+
+log = logging.getLogger(__name__)
+
+# Largest |logit difference| accepted between the shipped weights and the adapter model, per export dtype.
+# bf16 keeps 8 bits of mantissa, so logits of magnitude ~10 move by ~0.05-0.1 from rounding alone.
+LOGIT_TOLERANCE = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.25}
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class ExportError(RuntimeError):
+    """The artifact failed a check; nothing was published."""
+
+
+@dataclass
+class ArtifactResult:
+    path: str
+    manifest: dict
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "manifest_path": str(Path(self.path) / "manifest.json")}
+
+
+def export_artifact(
+    section: ExportSection,
+    model_section: ModelSection,
+    trained: TrainResult,
+    eval_path: str,
+    lineage: dict,
+    out_dir: str | Path,
+) -> ArtifactResult:
+    """Write out_dir/artifact: model/ (merged), adapter/, manifest.json, README.md, serve.sh."""
+    from transformers import AutoTokenizer
+
+    out_dir = Path(out_dir)
+    final = out_dir / "artifact"
+    staging = out_dir / f".artifact.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(trained.adapter_path)
+        prompts = [prompt_ids(tokenizer, row["messages"]) for row in read_jsonl(eval_path)[: section.check_prompts]]
+        equivalence = None
+        if section.merged:
+            equivalence = _write_merged(section, model_section, trained, tokenizer, prompts, staging / "model")
+        adapter_problems = _write_adapter(section, trained, staging / "adapter")
+        manifest = _manifest(section, trained, lineage, equivalence, adapter_problems)
+        atomic_write_text(staging / "README.md", model_card(manifest))
+        atomic_write_text(staging / "serve.sh", launch_script(manifest))
+        (staging / "serve.sh").chmod(0o755)
+        manifest["files"] = checksums(staging)
+        atomic_write_json(staging / "manifest.json", manifest)
+        _publish(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("artifact written to %s", final)
+    return ArtifactResult(path=str(final), manifest=manifest)
+
+
+def _write_merged(section: ExportSection, model_section: ModelSection, trained: TrainResult, tokenizer, prompts, model_dir: Path) -> dict:
+    """Merge in float32 into the base loaded without quantization, save in the export dtype, reload and compare."""
+    import torch
+    from peft import PeftModel
+
+    from evaluation.generate import load_model
+
+    base = load_model(trained.base.path, trained.base.revision, dtype="float32", trust_remote_code=model_section.trust_remote_code)
+    adapted = PeftModel.from_pretrained(base, trained.adapter_path).eval()
+    reference = _logits_and_greedy(adapted, tokenizer, prompts)
+    merged = adapted.merge_and_unload()
+    merged.to(getattr(torch, section.dtype))
+    merged.config.architectures = [trained.base.family.architecture]
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config
+    merged.generation_config.eos_token_id = _stop_ids(tokenizer, merged)
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    merged.save_pretrained(model_dir, max_shard_size=section.max_shard_size)
+    _ensure_index(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    _ensure_chat_template_files(model_dir, tokenizer.chat_template)
+
+    problems = check_merged_model(model_dir)
+    sample = json.loads(Path(trained.tokenized_sample_path).read_text())
+    problems += check_template_matches_training(_reload_tokenizer(model_dir), sample)
+    reloaded = load_model(str(model_dir), dtype="float32")
+    shipped = _logits_and_greedy(reloaded, tokenizer, prompts)
+    equivalence = _compare(reference, shipped, section.dtype)
+    if not equivalence["passed"]:
+        problems.append(
+            f"merged model differs from the adapter model: max |logit diff| {equivalence['max_abs_logit_diff']:.4g} "
+            f"(tolerance {equivalence['tolerance']:g}), greedy generations equal: {equivalence['greedy_match']}"
+        )
+    if problems:
+        raise ExportError("export checks failed:\n- " + "\n- ".join(problems))
+    equivalence["template_rows_checked"] = len(sample)
+    return equivalence
+
+
+def _stop_ids(tokenizer, model) -> list[int]:
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured] if configured is not None else []
+    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
+
+
+def _reload_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _ensure_index(model_dir: Path) -> None:
+    """A single-shard save has no index; vLLM and our checks expect one naming every shard."""
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if index.is_file() or not single.is_file():
+        return
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        weight_map = {name: single.name for name in f.keys()}
+    atomic_write_json(index, {"metadata": {"total_size": single.stat().st_size}, "weight_map": weight_map})
+
+
+def _ensure_chat_template_files(model_dir: Path, template: str) -> None:
+    """Ship the template both as chat_template.jinja and in tokenizer_config.json."""
+    atomic_write_text(model_dir / "chat_template.jinja", template)
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = template
+    atomic_write_json(config_path, config)
+
+
+def _logits_and_greedy(model, tokenizer, prompts: list[list[int]]) -> list[dict]:
+    import torch
+
+    results = []
+    for ids in prompts:
+        tensor = torch.tensor([ids], device=model.device)
+        with torch.no_grad():
+            logits = model(input_ids=tensor).logits[0].float().cpu()
+            greedy = model.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=32, do_sample=False,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        results.append({"logits": logits, "greedy": greedy[0, len(ids):].tolist()})
+    return results
+
+
+def _compare(reference: list[dict], shipped: list[dict], dtype: str) -> dict:
+    diff = max(float((r["logits"] - s["logits"]).abs().max()) for r, s in zip(reference, shipped, strict=True))
+    greedy_match = all(r["greedy"] == s["greedy"] for r, s in zip(reference, shipped, strict=True))
+    tolerance = LOGIT_TOLERANCE[dtype]
+    return {"prompts": len(reference), "dtype": dtype, "max_abs_logit_diff": diff, "tolerance": tolerance,
+            "greedy_match": greedy_match, "passed": diff <= tolerance and greedy_match}
+
+
+def _write_adapter(section: ExportSection, trained: TrainResult, adapter_dir: Path) -> list[str]:
+    """Copy the peft adapter and say whether vLLM's LoRA serving would take it."""
+    source = Path(trained.adapter_path)
+    config = json.loads((source / "adapter_config.json").read_text())
+    problems = check_adapter_servable(config)
+    if section.adapter:
+        adapter_dir.mkdir(parents=True)
+        for name in ADAPTER_FILES:
+            shutil.copy2(source / name, adapter_dir / name)
+    return problems
+
+
+def _manifest(section: ExportSection, trained: TrainResult, lineage: dict, equivalence: dict | None, adapter_problems: list[str]) -> dict:
+    adapter_config = json.loads((Path(trained.adapter_path) / "adapter_config.json").read_text())
+    return {
+        "format": "ftpipe-artifact/1",
+        "name": lineage["name"],
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "recipe_hash": lineage["recipe_hash"],
+        "recipe": lineage["recipe"],
+        "base_model": {**trained.base.to_dict(), "architecture": trained.base.family.architecture},
+        "data": lineage["data"],
+        "training": trained.metrics,
+        "adapter": {"r": adapter_config["r"], "lora_alpha": adapter_config["lora_alpha"],
+                    "target_modules": sorted(adapter_config["target_modules"]), "peft_type": adapter_config.get("peft_type"),
+                    "vllm_servable": not adapter_problems, "vllm_problems": adapter_problems, "included": section.adapter},
+        "merge": {"included": section.merged, "method": "peft merge_and_unload in float32 into the unquantized base",
+                  "dtype": section.dtype, "equivalence": equivalence},
+        "evaluation": lineage["evaluation"],
+        "gates": lineage["gates"],
+        "serving": {"max_model_len": section.max_model_len or lineage["max_seq_length"], "dtype": section.dtype,
+                    "tensor_parallel_size": section.tensor_parallel_size},
+        "library_versions": library_versions(),
+    }
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("ftpipe", "torch", "transformers", "peft", "trl", "unsloth", "bitsandbytes", "datasets", "prefect", "wandb"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Swap the staging folder into place; an older artifact is moved aside first, then removed."""
+    old = final.with_name(f".artifact.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)

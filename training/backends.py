@@ -1,0 +1,99 @@
+"""Load the base model with its LoRA/QLoRA adapter through unsloth or through transformers + peft.
+
+unsloth patches transformers and trl when imported, so the training worker imports it (or not) before
+anything else: one process, one backend.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from recipes.schema import LoraSection, TrainingSection
+from training.families import Family
+from training.models import BaseModelRef
+
+log = logging.getLogger(__name__)
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+def choose_backend(requested: str) -> tuple[str, str]:
+    """Return (backend, why) for auto | unsloth | hf."""
+    if requested == "hf":
+        return "hf", "requested by training.backend=hf"
+    if importlib.util.find_spec("unsloth") is None:
+        if requested == "unsloth":
+            raise BackendError("training.backend=unsloth but unsloth is not installed; install it or use backend: hf")
+        return "hf", "auto: unsloth is not installed"
+    if requested == "unsloth":
+        return "unsloth", "requested by training.backend=unsloth"
+    return "unsloth", "auto: unsloth imports"
+
+
+def training_dtype():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_unsloth(ref: BaseModelRef, training: TrainingSection, trust_remote_code: bool):
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=ref.path,
+        revision=ref.revision,
+        max_seq_length=training.max_seq_length,
+        dtype=training_dtype(),
+        load_in_4bit=training.adapter == "qlora",
+        trust_remote_code=trust_remote_code,
+    )
+    lora = training.lora
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=ref.family.target_modules(lora.target_modules),
+        bias="none",
+        use_gradient_checkpointing=False,
+        random_state=training.seed,
+    )
+
+
+def load_hf(ref: BaseModelRef, training: TrainingSection, trust_remote_code: bool):
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = training_dtype()
+    kwargs = {}
+    if training.adapter == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        ref.path, revision=ref.revision, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+    )
+    if training.adapter == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=torch.cuda.is_available())
+    return get_peft_model(model, lora_config(training.lora, ref.family))
+
+
+def lora_config(lora: LoraSection, family: Family):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=family.target_modules(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )

@@ -1,0 +1,101 @@
+"""The one registry of model families, keyed by the Hugging Face config's `model_type`.
+
+Everything family-specific lives here: default chat template, special tokens, which token pads (never
+the end-of-turn token, or its label would be masked and the model would never stop), LoRA target-module
+presets and the architecture name vLLM serves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    architecture: str  # the name vLLM's model registry serves
+    config_class: str  # transformers config class, for tiny models
+    template: str  # file in training/templates
+    bos_token: str | None
+    end_of_turn: str  # ends an assistant turn; the tokenizer's eos and a stop token for serving
+    pad_candidates: tuple[str, ...]  # first one present in the vocabulary pads
+    extra_special: tuple[str, ...]  # other special tokens the template uses
+    lora_presets: dict[str, tuple[str, ...]]
+
+    @property
+    def chat_template(self) -> str:
+        return (TEMPLATES_DIR / self.template).read_text(encoding="utf-8")
+
+    def target_modules(self, preset_or_names: str | list[str]) -> list[str]:
+        if isinstance(preset_or_names, list):
+            return preset_or_names
+        return list(self.lora_presets[preset_or_names])
+
+
+_PRESETS = {"attention": ATTENTION, "all-linear": ATTENTION + MLP}
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        model_type="llama",
+        architecture="LlamaForCausalLM",
+        config_class="LlamaConfig",
+        template="llama3.jinja",
+        bos_token="<|begin_of_text|>",
+        end_of_turn="<|eot_id|>",
+        pad_candidates=("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>"),
+        extra_special=("<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"),
+        lora_presets=_PRESETS,
+    ),
+    "mistral": Family(
+        model_type="mistral",
+        architecture="MistralForCausalLM",
+        config_class="MistralConfig",
+        template="mistral.jinja",
+        bos_token="<s>",
+        end_of_turn="</s>",
+        pad_candidates=("<pad>", "<unk>"),
+        extra_special=("<unk>", "[INST]", "[/INST]"),
+        lora_presets=_PRESETS,
+    ),
+    "qwen2": Family(
+        model_type="qwen2",
+        architecture="Qwen2ForCausalLM",
+        config_class="Qwen2Config",
+        template="chatml.jinja",
+        bos_token=None,
+        end_of_turn="<|im_end|>",
+        pad_candidates=("<|endoftext|>",),
+        extra_special=("<|im_start|>",),
+        lora_presets=_PRESETS,
+    ),
+    "qwen3": Family(
+        model_type="qwen3",
+        architecture="Qwen3ForCausalLM",
+        config_class="Qwen3Config",
+        template="chatml.jinja",
+        bos_token=None,
+        end_of_turn="<|im_end|>",
+        pad_candidates=("<|endoftext|>",),
+        extra_special=("<|im_start|>",),
+        lora_presets=_PRESETS,
+    ),
+}
+
+
+class UnsupportedFamilyError(ValueError):
+    pass
+
+
+def family_for(model_type: str) -> Family:
+    """The family of a config's model_type, or a clear error listing the supported ones."""
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise UnsupportedFamilyError(
+            f"model_type {model_type!r} is not supported; supported families: {', '.join(sorted(FAMILIES))}"
+        ) from None

@@ -1,0 +1,98 @@
+"""Resolve the recipe's base model to something from_pretrained loads, and prepare its tokenizer.
+
+The same code path serves hub ids (pinned by revision), local folders and locally built tiny models.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from recipes.schema import TINY_PREFIX, ModelSection
+from training.families import Family, family_for
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """The base model or its tokenizer cannot be used; the message says which and why."""
+
+
+@dataclass
+class BaseModelRef:
+    """Where the base model is and what it is; recorded in the artifact's lineage."""
+
+    model_id: str  # as the recipe names it
+    revision: str | None
+    path: str  # what from_pretrained receives: a local folder or the hub id
+    model_type: str
+
+    @property
+    def family(self) -> Family:
+        return family_for(self.model_type)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_base(section: ModelSection, corpus: Callable[[], list[str]]) -> BaseModelRef:
+    """Find (or, for tiny:<family>, build from the training text) the base model and read its family."""
+    from transformers import AutoConfig
+
+    if section.base.startswith(TINY_PREFIX):
+        from training.tiny import tiny_model_path
+
+        path = str(tiny_model_path(section.base[len(TINY_PREFIX):], corpus()))
+        revision = None
+    else:
+        path, revision = section.base, section.revision
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        where = "local folder" if Path(path).exists() else "hub id (is the hub reachable? set HF_HUB_OFFLINE=1 and use a local folder)"
+        raise ModelLoadError(f"model.base: cannot load config of {section.base!r} as a {where}: {_first_line(exc)}") from None
+    family_for(config.model_type)  # unsupported families fail here, before any training
+    return BaseModelRef(model_id=section.base, revision=revision, path=path, model_type=config.model_type)
+
+
+def load_tokenizer(ref: BaseModelRef, section: ModelSection):
+    """The tokenizer with a chat template and a pad token that is not the end-of-turn token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.path, revision=ref.revision, trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.base: cannot load the tokenizer of {ref.model_id!r}: {_first_line(exc)}") from None
+    family = ref.family
+    tokenizer.chat_template = _chat_template(section, tokenizer, family)
+    vocab = tokenizer.get_vocab()
+    if family.end_of_turn in vocab:
+        tokenizer.eos_token = family.end_of_turn
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        pad = next((t for t in family.pad_candidates if t in vocab and vocab[t] != tokenizer.eos_token_id), None)
+        if pad is None:
+            raise ModelLoadError(
+                f"model.base: {ref.model_id!r} has no pad token distinct from its eos {tokenizer.eos_token!r} "
+                f"(tried {', '.join(family.pad_candidates)}); padding with eos would hide eos from the loss"
+            )
+        tokenizer.pad_token = pad
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _chat_template(section: ModelSection, tokenizer, family: Family) -> str:
+    override = section.chat_template
+    if override:
+        path = Path(override)
+        if "\n" not in override and override.endswith(".jinja"):
+            if not path.is_file():
+                raise ModelLoadError(f"model.chat_template: file not found: {override}")
+            return path.read_text(encoding="utf-8")
+        return override
+    return tokenizer.chat_template or family.chat_template
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

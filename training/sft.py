@@ -1,0 +1,138 @@
+"""Supervised fine-tuning with trl's SFTTrainer on rows we tokenize and mask ourselves, plus the label checks."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recipes.schema import TrainingSection
+from training.tokenize import IGNORE, MaskingError, check_end_of_turn_trained, check_trained_fraction, encode_chat
+
+log = logging.getLogger(__name__)
+
+SAMPLE_ROWS = 16  # rows whose token ids export re-derives with the artifact's tokenizer
+
+
+@dataclass
+class TokenizedRows:
+    examples: list[dict]
+    sample: list[dict]  # [{messages, input_ids}] as training saw them
+    dropped: int
+    total_tokens: int
+    trained_fraction: float
+
+
+def tokenize_rows(tokenizer, rows: list[dict], training: TrainingSection, run_dir: Path) -> TokenizedRows:
+    """Encode every row, set aside (with reason) rows longer than max_seq_length, check the labels."""
+    examples, sample, too_long = [], [], []
+    trained = total = 0
+    for number, row in enumerate(rows, start=1):
+        encoded = encode_chat(tokenizer, row["messages"])
+        if len(encoded.input_ids) > training.max_seq_length:
+            too_long.append({"row": number, "tokens": len(encoded.input_ids), "reason": f"longer than training.max_seq_length={training.max_seq_length}", **row})
+            continue
+        check_end_of_turn_trained(encoded, tokenizer.eos_token_id, number)
+        examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
+        if len(sample) < SAMPLE_ROWS:
+            sample.append({"messages": row["messages"], "input_ids": encoded.input_ids})
+        trained += encoded.trained_tokens
+        total += len(encoded.input_ids)
+    if too_long:
+        path = run_dir / "data_too_long.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in too_long))
+        log.warning("%d rows longer than training.max_seq_length=%d were left out; listed in %s", len(too_long), training.max_seq_length, path)
+    if not examples:
+        raise MaskingError(f"no training rows fit training.max_seq_length={training.max_seq_length}")
+    fraction = check_trained_fraction(trained, total, training.min_trained_token_fraction, training.max_trained_token_fraction, "training data")
+    return TokenizedRows(examples, sample, len(too_long), total, round(fraction, 4))
+
+
+@dataclass
+class BatchStats:
+    """Trained-token share of every batch the trainer sees: a silent masking bug shows up here."""
+
+    low: float
+    high: float
+    fractions: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+    def observe(self, inputs: dict) -> None:
+        labels = inputs["labels"]
+        real = inputs["attention_mask"].sum().item() if "attention_mask" in inputs else labels.numel()
+        trained = (labels != IGNORE).sum().item()
+        self.tokens += int(real)
+        self.fractions.append(check_trained_fraction(trained, real, self.low, self.high, f"training batch {len(self.fractions) + 1}"))
+
+    def summary(self) -> dict | None:
+        if not self.fractions:
+            return None
+        return {"batches": len(self.fractions), "min": round(min(self.fractions), 4), "max": round(max(self.fractions), 4),
+                "mean": round(sum(self.fractions) / len(self.fractions), 4)}
+
+
+def build_trainer(model, tokenizer, dataset, training: TrainingSection, run_dir: Path, report_to: list[str]):
+    """An SFTTrainer over the pre-tokenized dataset, configured from the recipe's training section."""
+    import torch
+    from transformers import Trainer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    stats = BatchStats(training.min_trained_token_fraction, training.max_trained_token_fraction)
+
+    class CheckedSFTTrainer(SFTTrainer):
+        """Counts trained tokens per batch. Off GPU, trl's fused LM head (a Triton kernel) cannot run, so the
+        loss is computed the plain transformers way there."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                stats.observe(inputs)
+            if inputs["input_ids"].device.type in ("cuda", "xpu"):
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    class LogLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                log.info("step %d/%d loss %.4f lr %.2e", state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", 0.0))
+
+    on_gpu = torch.cuda.is_available()
+    config = SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps or -1,
+        per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio,
+        max_length=training.max_seq_length,
+        packing=training.packing,
+        seed=training.seed,
+        data_seed=training.seed,
+        logging_steps=training.logging_steps,
+        save_strategy="steps",
+        save_steps=training.save_steps,
+        save_total_limit=training.save_total_limit,
+        report_to=report_to,
+        use_cpu=not on_gpu,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        disable_tqdm=True,
+        dataset_num_proc=None,
+    )
+    trainer = CheckedSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[LogLoss()])
+    return trainer, stats
+
+
+def check_collated_batch(trainer, examples: list[dict], end_of_turn_id: int, training: TrainingSection) -> None:
+    """Collate real rows the way the trainer will and check the end-of-turn token still carries a loss:
+    a collator that masks pad ids would hide it when pad == eos."""
+    batch = trainer.data_collator([{k: v for k, v in e.items()} for e in examples[: training.batch_size]])
+    labels = batch["labels"]
+    missing = [i for i in range(labels.shape[0]) if not (labels[i] == end_of_turn_id).any()]
+    if not training.packing and missing:
+        raise MaskingError(
+            f"after collation, rows {missing} have no label on the end-of-turn token (id {end_of_turn_id}): "
+            "the collator masks it (pad == eos?), so the model would never stop"
+        )
+    if training.packing and (labels == end_of_turn_id).sum().item() == 0:
+        raise MaskingError(f"after packing, no end-of-turn token (id {end_of_turn_id}) carries a label")

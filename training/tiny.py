@@ -1,0 +1,108 @@
+"""Small random-initialised models of each family, built locally from their transformers config.
+
+They stand in for hub models on machines without a hub (the embedded default and the tests): same
+architecture code, same chat template and special tokens, a byte-level BPE tokenizer trained on the
+recipe's own training text. Built once per (family, corpus) and cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from training.families import Family, family_for
+
+log = logging.getLogger(__name__)
+
+BUILDER_VERSION = "2"  # bump when the shape or tokenizer recipe changes, to invalidate caches
+TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+MAX_POSITIONS = 2048
+VOCAB_SIZE = 1024
+# With the default 0.02, the frozen random LM head caps logits near 2.5, so no adapter can push the loss
+# below ~4.6 nats; 1/sqrt(hidden) lets a LoRA adapter learn the task the way it would on a real model.
+INIT_STD = 0.09
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FTPIPE_CACHE", Path.home() / ".cache" / "ftpipe"))
+
+
+def tiny_model_path(family_name: str, corpus: list[str], seed: int = 0) -> Path:
+    """Return the folder of the tiny model for this family and corpus, building it on first use."""
+    family = family_for(family_name)
+    digest = hashlib.sha256(f"{BUILDER_VERSION}\x00{family_name}\x00{seed}".encode())
+    for text in corpus:
+        digest.update(text.encode() + b"\x00")
+    target = cache_root() / "tiny" / f"{family_name}-{digest.hexdigest()[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        build_tiny_model(family, corpus, staging, seed)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished the same build first
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("built tiny %s model at %s", family_name, target)
+    return target
+
+
+def build_tiny_model(family: Family, corpus: Iterable[str], out_dir: Path, seed: int = 0) -> None:
+    import torch
+    import transformers
+
+    tokenizer = train_tokenizer(family, corpus)
+    config_class = getattr(transformers, family.config_class)
+    config = config_class(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=INIT_STD,
+        **TINY_SHAPE,
+        **({"head_dim": TINY_SHAPE["hidden_size"] // TINY_SHAPE["num_attention_heads"]} if family.model_type == "qwen3" else {}),
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def train_tokenizer(family: Family, corpus: Iterable[str]):
+    """A byte-level BPE tokenizer with the family's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    pad = family.pad_candidates[0]
+    specials = [t for t in (family.bos_token, family.end_of_turn, pad, *family.extra_special) if t]
+    specials = list(dict.fromkeys(specials))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=family.bos_token,
+        eos_token=family.end_of_turn,
+        pad_token=pad,
+        unk_token="<unk>" if "<unk>" in specials else None,
+        additional_special_tokens=[t for t in specials if t not in (family.bos_token, family.end_of_turn, pad)],
+        model_max_length=MAX_POSITIONS,
+    )
+    tokenizer.chat_template = family.chat_template
+    return tokenizer

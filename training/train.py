@@ -1,0 +1,100 @@
+"""The training stage: resolve the base model, then train the adapter in a worker process."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from data_prep.prepare import PreparedData, read_jsonl
+from recipes.schema import ModelSection, TrackingSection, TrainingSection
+from training.models import BaseModelRef, ModelLoadError, resolve_base
+from training.tokenize import MaskingError
+
+log = logging.getLogger(__name__)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    """What training hands to evaluation and export."""
+
+    base: BaseModelRef
+    adapter_path: str
+    tokenized_sample_path: str
+    metrics: dict
+
+    def to_dict(self) -> dict:
+        return {"base": self.base.to_dict(), "adapter_path": self.adapter_path,
+                "tokenized_sample_path": self.tokenized_sample_path, "metrics": self.metrics}
+
+
+def training_corpus(data: PreparedData) -> list[str]:
+    """The text a tiny model's tokenizer is trained on: every message of the training rows."""
+    return [m["content"] for row in read_jsonl(data.train_path) for m in row["messages"]]
+
+
+def train(
+    training: TrainingSection,
+    model: ModelSection,
+    tracking: TrackingSection,
+    data: PreparedData,
+    out_dir: str | Path,
+    run_name: str = "ftpipe",
+    run_config: dict | None = None,
+) -> TrainResult:
+    """Train a LoRA/QLoRA adapter on the prepared data; checkpoints and the adapter land in out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = resolve_base(model, lambda: training_corpus(data))
+    spec = {
+        "training": training.model_dump(mode="json"),
+        "model": model.model_dump(mode="json"),
+        "tracking": tracking.model_dump(mode="json"),
+        "base": base.to_dict(),
+        "train_path": data.train_path,
+        "run_dir": str(out_dir),
+        "run_name": run_name,
+        "run_config": run_config,
+        "result_path": str(out_dir / "result.json"),
+    }
+    spec_path = out_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    (out_dir / "result.json").unlink(missing_ok=True)
+    _run_worker(spec_path, out_dir / "train.log")
+    metrics = json.loads((out_dir / "result.json").read_text())
+    if "error" in metrics:
+        raise {"MaskingError": MaskingError, "ModelLoadError": ModelLoadError}[metrics["error"]](metrics["message"])
+    return TrainResult(base=base, adapter_path=metrics.pop("adapter_path"),
+                       tokenized_sample_path=str(out_dir / "tokenized_sample.json"), metrics=metrics)
+
+
+def _run_worker(spec_path: Path, log_path: Path) -> None:
+    """Run training in a child process, relaying its output line by line to this logger and a log file."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    tail: list[str] = []
+    with log_path.open("w", encoding="utf-8") as log_file, subprocess.Popen(
+        [sys.executable, "-m", "training.worker", str(spec_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, errors="replace",
+    ) as proc:
+        for line in proc.stdout:
+            log_file.write(line)
+            line = line.rstrip()
+            if line and not _noise(line):
+                log.info("%s", line)
+                tail = (tail + [line])[-15:]
+    if proc.returncode != 0:
+        raise TrainingError(f"training worker failed (exit {proc.returncode}); last lines:\n" + "\n".join(tail) + f"\nfull log: {log_path}")
+
+
+def _noise(line: str) -> bool:
+    """Library chatter that says nothing about this run."""
+    return line.startswith("{'loss'") or any(s in line for s in ("is an Enum subclass", "register_constant()", "it/s]", "Disabling Tensorflow"))

@@ -1,0 +1,139 @@
+"""The training process: `python -m training.worker SPEC.json` trains one adapter and writes RESULT.json.
+
+Training runs in its own process because unsloth patches transformers and trl globally on import: the
+`hf` backend must run unpatched, and the parent (Prefect, evaluation) must not inherit the patches.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from training.backends import choose_backend
+
+log = logging.getLogger("training.worker")
+
+
+def main(spec_path: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    spec = json.loads(Path(spec_path).read_text())
+    backend, why = choose_backend(spec["training"]["backend"])
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (must come before transformers, trl and peft)
+    log.info("backend: %s (%s)", backend, why)
+    from training.models import ModelLoadError
+    from training.tokenize import MaskingError
+
+    try:
+        result = run(spec, backend, why)
+    except (MaskingError, ModelLoadError) as exc:  # input problems: hand them back as themselves
+        result = {"error": type(exc).__name__, "message": str(exc)}
+    Path(spec["result_path"]).write_text(json.dumps(result, indent=2))
+
+
+def run(spec: dict, backend: str, why: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from data_prep.files import atomic_write_json
+    from data_prep.prepare import read_jsonl
+    from recipes.schema import ModelSection, TrackingSection, TrainingSection
+    from training.backends import load_hf, load_unsloth
+    from training.models import BaseModelRef, load_tokenizer
+    from training.sft import build_trainer, check_collated_batch, tokenize_rows
+
+    training = TrainingSection.model_validate(spec["training"])
+    model_section = ModelSection.model_validate(spec["model"])
+    tracking = TrackingSection.model_validate(spec["tracking"])
+    ref = BaseModelRef(**spec["base"])
+    run_dir = Path(spec["run_dir"])
+    set_seed(training.seed)
+    _quiet_progress_bars()
+
+    tokenizer = load_tokenizer(ref, model_section)
+    rows = read_jsonl(spec["train_path"])
+    tokenized = tokenize_rows(tokenizer, rows, training, run_dir)
+    atomic_write_json(run_dir / "tokenized_sample.json", tokenized.sample)
+    loader = load_unsloth if backend == "unsloth" else load_hf
+    model = loader(ref, training, model_section.trust_remote_code)
+    quantized_layers = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+    dataset = Dataset.from_list(tokenized.examples)
+    wandb_run = _start_wandb(tracking, spec, run_dir)
+    trainer, stats = build_trainer(model, tokenizer, dataset, training, run_dir, report_to=["wandb"] if wandb_run else [])
+    check_collated_batch(trainer, tokenized.examples, tokenizer.eos_token_id, training)
+
+    checkpoint = get_last_checkpoint(str(run_dir / "checkpoints")) if (run_dir / "checkpoints").is_dir() else None
+    if checkpoint:
+        log.info("resuming from checkpoint %s", checkpoint)
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    runtime = time.perf_counter() - started
+
+    adapter_dir = run_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    result = {
+        "adapter_path": str(adapter_dir),
+        "backend": backend,
+        "backend_reason": why,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "adapter": training.adapter,
+        "base_4bit_layers": quantized_layers,
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "train_loss": output.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "final_logged_loss": losses[-1] if losses else None,
+        "runtime_s": round(runtime, 3),
+        "train_rows": len(tokenized.examples),
+        "dropped_rows": tokenized.dropped,
+        "train_tokens": tokenized.total_tokens,
+        "trained_token_fraction": tokenized.trained_fraction,
+        "batch_trained_fraction": stats.summary(),
+        "tokens_per_s": round(stats.tokens / runtime, 1) if runtime else None,
+        "resumed_from": checkpoint,
+        "wandb": _finish_wandb(wandb_run),
+    }
+    log.info("trained %d steps in %.1fs, loss %s", result["steps"], runtime, result["final_logged_loss"])
+    return result
+
+
+def _quiet_progress_bars() -> None:
+    """Per-step progress bars are noise in a relayed log; the loss callback reports progress instead."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _start_wandb(tracking, spec: dict, run_dir: Path):
+    if tracking.mode == "disabled":
+        return None
+    import os
+
+    import wandb
+
+    os.environ["WANDB_MODE"] = tracking.mode
+    os.environ.setdefault("WANDB_SILENT", "true")
+    (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=tracking.project, name=spec["run_name"], config=spec.get("run_config") or {}, dir=str(run_dir), mode=tracking.mode
+    )
+
+
+def _finish_wandb(run) -> dict | None:
+    if run is None:
+        return None
+    info = {"mode": run.settings.mode, "dir": str(Path(run.dir).parent), "url": run.url if run.settings.mode == "online" else None}
+    run.finish()
+    return info
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
