@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny models built once per session (never downloaded), sample rows, run helpers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_TRAIN = ROOT / "recipes" / "data" / "support_tickets_train.jsonl"
+SAMPLE_HELDOUT = ROOT / "recipes" / "data" / "support_tickets_heldout.jsonl"
+
+# Tiny models and Prefect's database go to a per-session folder, never the user's home, and no test
+# may reach a hub. Set before any test imports transformers, and inherited by every child process.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="ftpipe-tests-"))
+os.environ.setdefault("FTPIPE_CACHE", str(_SESSION_DIR / "cache"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def read_rows(path: Path, n: int | None = None) -> list[dict]:
+    with path.open() as f:
+        rows = [json.loads(line) for line in f]
+    return rows[:n]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_rows() -> list[dict]:
+    return read_rows(SAMPLE_TRAIN)
+
+
+@pytest.fixture(scope="session")
+def corpus(sample_rows) -> list[str]:
+    return [m["content"] for row in sample_rows for m in row["messages"]]
+
+
+@pytest.fixture(scope="session")
+def tiny_refs(corpus):
+    """One tiny model per family (2 layers, fixed seed), built from the sample corpus."""
+    from recipes.schema import ModelSection
+    from training.models import resolve_base
+
+    return {family: resolve_base(ModelSection(base=f"tiny:{family}"), lambda: corpus) for family in ("llama", "mistral", "qwen2", "qwen3")}
+
+
+@pytest.fixture(scope="session")
+def tokenizers(tiny_refs):
+    from recipes.schema import ModelSection
+    from training.models import load_tokenizer
+
+    return {family: load_tokenizer(ref, ModelSection(base=f"tiny:{family}")) for family, ref in tiny_refs.items()}
+
+
+@pytest.fixture(scope="session")
+def prepared_small(tmp_path_factory):
+    """Prepared data: 400 training rows and 40 held-out rows of the sample task."""
+    from data_prep.prepare import prepare_data
+    from recipes.schema import DataSection, DataSource
+
+    folder = tmp_path_factory.mktemp("data")
+    train = write_jsonl(folder / "train.jsonl", read_rows(SAMPLE_TRAIN, 400))
+    held = write_jsonl(folder / "held.jsonl", read_rows(SAMPLE_HELDOUT, 40))
+    section = DataSection(sources=[DataSource(path=str(train))], eval_sources=[DataSource(path=str(held))])
+    return prepare_data(section, folder / "prepared")
+
+
+def run_ftpipe(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed command line as a user would."""
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,76 @@
+"""Training stage: LoRA and QLoRA steps per family and backend, masking checks, tracking."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recipes.schema import ModelSection, TrackingSection, TrainingSection
+from training.tokenize import MaskingError
+from training.train import train
+
+
+def run_training(prepared, out: Path, family: str = "llama", tracking: TrackingSection | None = None, **training):
+    section = TrainingSection(max_seq_length=256, batch_size=8, learning_rate=3e-3, logging_steps=1, **training)
+    return train(section, ModelSection(base=f"tiny:{family}"), tracking or TrackingSection(), prepared, out, run_name="test")
+
+
+def adapter_config(result) -> dict:
+    return json.loads((Path(result.adapter_path) / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+def test_one_training_step_per_family_and_adapter(prepared_small, tmp_path, family, adapter):
+    result = run_training(prepared_small, tmp_path, family=family, adapter=adapter, max_steps=1)
+    m = result.metrics
+    assert m["steps"] == 1 and m["backend"] == "unsloth" and m["backend_reason"] == "auto: unsloth imports"
+    assert (m["base_4bit_layers"] > 0) == (adapter == "qlora")
+    assert (Path(result.adapter_path) / "adapter_model.safetensors").is_file()
+    config = adapter_config(result)
+    assert config["r"] == 16 and sorted(config["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    assert 0.1 < m["trained_token_fraction"] < 0.3
+    assert m["batch_trained_fraction"]["batches"] == 1
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+def test_hf_backend_trains_on_cpu_without_triton(prepared_small, tmp_path, adapter):
+    result = run_training(prepared_small, tmp_path, backend="hf", adapter=adapter, max_steps=2)
+    assert result.metrics["backend"] == "hf" and result.metrics["backend_reason"] == "requested by training.backend=hf"
+    assert result.metrics["steps"] == 2
+    assert (result.metrics["base_4bit_layers"] > 0) == (adapter == "qlora")
+
+
+def test_loss_regression_on_tiny_llama(prepared_small, tmp_path):
+    """Guards training numerics: 40 steps on the routing task must cut the loss at least fivefold."""
+    m = run_training(prepared_small, tmp_path, backend="hf", max_steps=40, lora={"target_modules": "attention"}).metrics
+    assert m["first_logged_loss"] > 5 * m["final_logged_loss"], m
+
+
+def test_implausible_masking_stops_training_with_the_reason(prepared_small, tmp_path):
+    with pytest.raises(MaskingError) as info:
+        run_training(prepared_small, tmp_path, max_steps=1, min_trained_token_fraction=0.5, max_trained_token_fraction=0.9)
+    assert str(info.value).startswith("training data: only ")
+    assert str(info.value).endswith("of tokens carry a loss, below training.min_trained_token_fraction=0.5")
+
+
+def test_rows_longer_than_max_seq_length_are_listed_not_silently_cut(prepared_small, tmp_path):
+    section = dict(max_steps=1)
+    result = train(TrainingSection(max_seq_length=75, batch_size=8, **section), ModelSection(), TrackingSection(), prepared_small, tmp_path)
+    dropped = result.metrics["dropped_rows"]
+    listed = (tmp_path / "data_too_long.jsonl").read_text().splitlines()
+    assert dropped > 0 and len(listed) == dropped
+    assert json.loads(listed[0])["reason"] == "longer than training.max_seq_length=75"
+    assert result.metrics["train_rows"] + dropped == prepared_small.train_rows
+
+
+def test_wandb_offline_run_is_written(prepared_small, tmp_path):
+    result = run_training(prepared_small, tmp_path, max_steps=2, tracking=TrackingSection(mode="offline", project="ftpipe-tests"))
+    info = result.metrics["wandb"]
+    assert info["mode"] == "offline" and info["url"] is None
+    run_dir = Path(info["dir"])
+    assert run_dir.name.startswith("offline-run-") and run_dir.is_relative_to(tmp_path)
+    assert list(run_dir.glob("*.wandb")), "offline run has no .wandb event file"
