@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from training.families import FAMILIES
-from training.tokenize import encode_chat
+from training.tokenize import MaskingError, encode_chat
 
 # Architectures vLLM serves for the families we train (vllm/model_executor/models/registry.py).
 VLLM_ARCHITECTURES = {f.architecture for f in FAMILIES.values()}
@@ -103,10 +103,15 @@ def check_template_matches_training(tokenizer, sample: list[dict]) -> list[str]:
     problems = []
     for i, item in enumerate(sample):
         messages = item["messages"]
-        if encode_chat(tokenizer, messages).input_ids != item["input_ids"]:
+        try:
+            input_ids = encode_chat(tokenizer, messages).input_ids
+        except MaskingError as exc:
+            problems.append(f"sample row {i}: the shipped chat template cannot render the rows training saw: {exc}")
+            continue
+        if input_ids != item["input_ids"]:
             problems.append(f"sample row {i}: the shipped tokenizer/chat template gives different token ids than training saw")
             continue
         server_prompt = list(tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=False))
-        if server_prompt != item["input_ids"][: len(server_prompt)]:
+        if server_prompt != item["input_ids"][: item["prompt_length"]]:
             problems.append(f"sample row {i}: the prompt a server builds differs from the prompt training used")
     return problems

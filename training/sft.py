@@ -17,7 +17,7 @@ SAMPLE_ROWS = 16  # rows whose token ids export re-derives with the artifact's t
 @dataclass
 class TokenizedRows:
     examples: list[dict]
-    sample: list[dict]  # [{messages, input_ids}] as training saw them
+    sample: list[dict]  # [{messages, input_ids, prompt_length}] as training saw them
     dropped: int
     total_tokens: int
     trained_fraction: float
@@ -35,7 +35,7 @@ def tokenize_rows(tokenizer, rows: list[dict], training: TrainingSection, run_di
         check_end_of_turn_trained(encoded, tokenizer.eos_token_id, number)
         examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
         if len(sample) < SAMPLE_ROWS:
-            sample.append({"messages": row["messages"], "input_ids": encoded.input_ids})
+            sample.append({"messages": row["messages"], "input_ids": encoded.input_ids, "prompt_length": encoded.prompt_length})
         trained += encoded.trained_tokens
         total += len(encoded.input_ids)
     if too_long:

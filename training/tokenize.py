@@ -23,6 +23,11 @@ class Encoded:
     labels: list[int]
 
     @property
+    def prompt_length(self) -> int:
+        """Tokens before the final assistant turn's completion: what a server feeds before generating."""
+        return max((i for i, label in enumerate(self.labels) if label == IGNORE), default=-1) + 1
+
+    @property
     def trained_tokens(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE)
 

@@ -1,0 +1,189 @@
+"""Evaluation, gates, export of the vLLM-ready artifact and the checks that guard it."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from evaluation.gates import decide
+from recipes.schema import EvaluationSection, ExportSection, Gate, ModelSection, TrackingSection, TrainingSection
+from serving.checks import check_adapter_servable, check_merged_model, check_template_matches_training
+from serving.export import ExportError, export_artifact
+from training.train import train
+
+LINEAGE = {"name": "test", "recipe_hash": "0" * 64, "recipe": {"training": {"method": "sft", "adapter": "lora"}},
+           "data": {"fingerprint": "f" * 64}, "gates": {"passed": True, "results": []}, "max_seq_length": 256,
+           "evaluation": {"examples": 1, "base": {"exact_match": 0.0}, "candidate": {"exact_match": 1.0}}}
+
+
+@pytest.fixture(scope="module")
+def trained_lora(prepared_small, tmp_path_factory):
+    section = TrainingSection(max_steps=60, batch_size=16, learning_rate=3e-3, max_seq_length=256, backend="hf")
+    return train(section, ModelSection(), TrackingSection(), prepared_small, tmp_path_factory.mktemp("lora"))
+
+
+@pytest.fixture(scope="module")
+def trained_qlora(prepared_small, tmp_path_factory):
+    section = TrainingSection(max_steps=30, batch_size=16, adapter="qlora", max_seq_length=256, learning_rate=3e-3)
+    return train(section, ModelSection(base="tiny:qwen2"), TrackingSection(), prepared_small, tmp_path_factory.mktemp("qlora"))
+
+
+@pytest.fixture(scope="module")
+def artifact(trained_lora, prepared_small, tmp_path_factory):
+    return export_artifact(ExportSection(), ModelSection(), trained_lora, prepared_small.eval_path, LINEAGE, tmp_path_factory.mktemp("export"))
+
+
+def test_gates_report_every_gate_with_value_and_threshold():
+    gates = [Gate(metric="exact_match", min=0.9), Gate(metric="exact_match", min_delta_vs_base=0.5), Gate(metric="eval_loss", max=1.0)]
+    decision = decide(gates, candidate={"exact_match": 0.85, "eval_loss": 0.2}, base={"exact_match": 0.1, "eval_loss": 7.0})
+    assert not decision.passed
+    assert [r.passed for r in decision.results] == [False, True, True]
+    assert decision.failure_message() == "1 of 3 gates failed: exact_match = 0.8500 fails >= 0.9"
+    assert decision.results[1].describe() == "exact_match - base = 0.7500 passes >= 0.5"
+    assert decide([Gate(metric="eval_loss", max_delta_vs_base=-1)], {"eval_loss": 2.0}, {"eval_loss": 2.5}).failure_message() == (
+        "1 of 1 gates failed: eval_loss - base = -0.5000 fails <= -1"
+    )
+
+
+def test_evaluation_scores_base_and_candidate_on_the_same_rows(trained_lora, prepared_small, tmp_path):
+    from evaluation.evaluate import evaluate
+
+    result = evaluate(EvaluationSection(max_samples=16), ModelSection(), trained_lora, prepared_small, tmp_path)
+    report = json.loads(Path(result.report_path).read_text())
+    assert result.examples == 16 and len(report["per_example"]) == 16
+    assert result.base["exact_match"] == 0.0
+    assert result.candidate["eval_loss"] < result.base["eval_loss"] / 3
+    first = report["per_example"][0]
+    assert set(first) == {"index", "prompt", "reference", "base_output", "candidate_output", "base_exact", "candidate_exact"}
+    assert result.candidate["exact_match"] == sum(e["candidate_exact"] for e in report["per_example"]) / 16
+
+
+def test_artifact_has_every_file_vllm_and_lineage_need(artifact, trained_lora):
+    root = Path(artifact.path)
+    model = root / "model"
+    for name in ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                 "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (model / name).is_file(), name
+    assert sorted(p.name for p in (root / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((model / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    assert config["dtype"] == "bfloat16"
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    assert tokenizer_config["chat_template"] == (model / "chat_template.jinja").read_text()
+    eos = json.loads((model / "generation_config.json").read_text())["eos_token_id"]
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(model).convert_tokens_to_ids("<|eot_id|>") in eos
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["base_model"]["model_id"] == "tiny:llama" and manifest["data"]["fingerprint"] == "f" * 64
+    assert set(manifest["library_versions"]) >= {"torch", "transformers", "peft", "trl", "prefect"}
+    assert manifest["files"]["model/model.safetensors"] and "manifest.json" not in manifest["files"]
+    assert check_merged_model(model) == []
+    assert (root / "README.md").read_text().startswith("---\nbase_model: tiny:llama\n")
+    assert "vllm serve" in (root / "serve.sh").read_text() and (root / "serve.sh").stat().st_mode & 0o111
+
+
+def test_merged_model_matches_the_adapter_model(artifact):
+    equivalence = json.loads((Path(artifact.path) / "manifest.json").read_text())["merge"]["equivalence"]
+    assert equivalence["passed"] and equivalence["greedy_match"]
+    assert equivalence["max_abs_logit_diff"] <= equivalence["tolerance"] == 0.25
+    assert equivalence["template_rows_checked"] == 16
+
+
+def test_qlora_is_merged_into_the_16_bit_base(trained_qlora, prepared_small, tmp_path):
+    from safetensors import safe_open
+
+    assert trained_qlora.metrics["base_4bit_layers"] > 0
+    result = export_artifact(ExportSection(), ModelSection(base="tiny:qwen2"), trained_qlora, prepared_small.eval_path, LINEAGE, tmp_path)
+    model = Path(result.path) / "model"
+    config = json.loads((model / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and "quantization_config" not in config
+    with safe_open(model / "model.safetensors", framework="pt") as f:
+        dtypes = {str(f.get_tensor(k).dtype) for k in f.keys()}
+        assert not any("absmax" in k or "quant" in k for k in f.keys())
+    assert dtypes == {"torch.bfloat16"}
+    assert result.manifest["merge"]["equivalence"]["passed"]
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        ("quantization", "config.json: quantization_config is left in; vLLM would try to load quantized weights"),
+        ("architecture", "config.json: architectures ['GPT2LMHeadModel'] is not one vLLM serves for our families"),
+        ("template", "chat_template.jinja: missing; vLLM has no fallback template for these families"),
+        ("shard", "model.safetensors: named in the index but missing"),
+        ("consolidated", "consolidated.safetensors: a consolidated*.safetensors file switches vLLM to Mistral's format; remove it"),
+        ("eos", "generation_config.json: eos_token_id [0] does not include the end-of-turn token '<|eot_id|>'"),
+    ],
+)
+def test_broken_artifacts_are_caught(artifact, tmp_path, breakage, expected):
+    model = tmp_path / "model"
+    shutil.copytree(Path(artifact.path) / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    if breakage == "quantization":
+        config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    if breakage == "architecture":
+        config["architectures"] = ["GPT2LMHeadModel"]
+    (model / "config.json").write_text(json.dumps(config))
+    if breakage == "template":
+        (model / "chat_template.jinja").unlink()
+    if breakage == "shard":
+        (model / "model.safetensors").unlink()
+    if breakage == "consolidated":
+        shutil.copy(model / "model.safetensors", model / "consolidated.safetensors")
+    if breakage == "eos":
+        gen = json.loads((model / "generation_config.json").read_text())
+        (model / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [0]}))
+    assert any(p.startswith(expected) for p in check_merged_model(model)), check_merged_model(model)
+
+
+def test_serving_template_different_from_training_is_caught(artifact, trained_lora):
+    from transformers import AutoTokenizer
+
+    sample = json.loads(Path(trained_lora.tokenized_sample_path).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(Path(artifact.path) / "model")
+    assert check_template_matches_training(tokenizer, sample) == []
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|end_header_id|>\\n\\n", "<|end_header_id|>\\n")
+    problems = check_template_matches_training(tokenizer, sample)
+    assert len(problems) == len(sample)
+    assert problems[0] == "sample row 0: the shipped tokenizer/chat template gives different token ids than training saw"
+    original = AutoTokenizer.from_pretrained(Path(artifact.path) / "model").chat_template
+    tokenizer.chat_template = original.replace("{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}", "")
+    assert check_template_matches_training(tokenizer, sample)[0] == "sample row 0: the prompt a server builds differs from the prompt training used"
+    tokenizer.chat_template = original.replace("'<|start_header_id|>assistant<|end_header_id|>", "'<|start_header_id|>model<|end_header_id|>")
+    assert check_template_matches_training(tokenizer, sample)[0].startswith(
+        "sample row 0: the shipped chat template cannot render the rows training saw: the chat template is not prefix-stable"
+    )
+
+
+def test_export_refuses_a_tokenizer_that_drifted_from_training(trained_lora, prepared_small, tmp_path):
+    drifted = tmp_path / "adapter"
+    shutil.copytree(trained_lora.adapter_path, drifted)
+    config_path = drifted / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = (Path(__file__).parent.parent / "training" / "templates" / "chatml.jinja").read_text()
+    config_path.write_text(json.dumps(config))
+    (drifted / "chat_template.jinja").unlink(missing_ok=True)
+    from dataclasses import replace
+
+    with pytest.raises(ExportError) as info:
+        export_artifact(ExportSection(), ModelSection(), replace(trained_lora, adapter_path=str(drifted)), prepared_small.eval_path, LINEAGE, tmp_path / "out")
+    assert "sample row 0: the shipped tokenizer/chat template gives different token ids than training saw" in str(info.value)
+    assert not (tmp_path / "out" / "artifact").exists()
+    assert not list((tmp_path / "out").glob(".artifact*"))
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"r": 16, "modules_to_save": ["lm_head"]}, ["modules_to_save ['lm_head'] (full lm_head/embedding copies) is not served by vLLM LoRA"]),
+        ({"r": 16, "use_dora": True}, ["DoRA adapters are not served by vLLM LoRA"]),
+        ({"r": 16, "bias": "all"}, ["bias='all'; vLLM LoRA serves bias='none' only"]),
+        ({"r": 1024}, ["rank 1024 is above vLLM's largest --max-lora-rank 512"]),
+        ({"r": 64, "bias": "none", "modules_to_save": None}, []),
+    ],
+)
+def test_adapter_servability(config, expected):
+    assert check_adapter_servable(config) == expected

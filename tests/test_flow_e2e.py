@@ -1,0 +1,91 @@
+"""End to end: the `ftpipe run` command and the Prefect flow, on a shortened quickstart."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recipes import load_recipe
+from serving.checks import check_merged_model
+from tests.conftest import ROOT, run_ftpipe
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+SHORT_EVAL = "evaluation.max_samples=40"
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_and_passes_its_gates(tmp_path):
+    result = run_ftpipe("run", str(QUICKSTART), "--set", SHORT_EVAL, "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("artifact: ")
+    artifact = Path(last.removeprefix("artifact: "))
+    assert artifact.parent.parent == tmp_path and artifact.parent.name.startswith("quickstart-")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["gates"]["passed"] and len(manifest["gates"]["results"]) == 2
+    assert manifest["evaluation"]["candidate"]["exact_match"] >= 0.9
+    assert manifest["evaluation"]["base"]["exact_match"] <= 0.1
+    assert manifest["recipe"]["name"] == "quickstart" and len(manifest["recipe_hash"]) == 64
+    assert manifest["training"]["backend"] == "unsloth" and manifest["merge"]["equivalence"]["passed"]
+    assert check_merged_model(artifact / "model") == []
+    assert (artifact / "adapter" / "adapter_config.json").is_file()
+    run_dir = artifact.parent
+    assert {p.name for p in (run_dir / "data").iterdir()} >= {"train.jsonl", "eval.jsonl", "quarantine.jsonl", "report.json"}
+    assert (run_dir / "eval" / "report.json").is_file()
+    assert "Task run 'export" in result.stderr
+
+
+@pytest.mark.slow
+def test_rejected_gate_exits_1_and_exports_nothing(tmp_path):
+    result = run_ftpipe("run", "quickstart", "--set", "training.max_steps=3", "--set", "evaluation.max_samples=10",
+                        "--set", "evaluation.generation.max_new_tokens=8", "--output-dir", str(tmp_path))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: 1 of 2 gates failed: exact_match = 0.0000 fails >= 0.9" in result.stderr or "error: 2 of 2 gates failed" in result.stderr
+    assert not list(tmp_path.glob("*/artifact"))
+
+
+def test_invalid_recipe_exits_2_before_any_work(tmp_path):
+    result = run_ftpipe("run", "quickstart", "--set", "training.lora.r=0", "--output-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["training.lora.r: Input should be greater than 0 (got 0)"]
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_missing_data_file_exits_2_with_the_file_named(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    result = run_ftpipe("run", "quickstart", "--set", f"data.sources.0.path={missing}", "--output-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert f"error: {missing}: file not found" in result.stderr
+
+
+@pytest.mark.slow
+def test_flow_publishes_an_artifact_per_stage_and_fails_on_the_gate(prefect_server, tmp_path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.finetune import finetune
+
+    recipe = load_recipe(QUICKSTART, ["training.max_steps=3", "evaluation.max_samples=8", "evaluation.generation.max_new_tokens=8"])
+    state = finetune(recipe, output_dir=str(tmp_path), return_state=True)
+    assert state.is_failed()
+    assert "gates failed: exact_match = 0.0000 fails >= 0.9" in state.message
+
+    async def artifact_keys():
+        async with get_client() as client:
+            artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+            return {a.key for a in artifacts if a.key}  # keyless ones are Prefect's own result records
+
+    assert asyncio.run(artifact_keys()) == {"data-counts", "training-summary", "evaluation", "gate-decision"}
+    assert not list(tmp_path.glob("*/artifact"))
