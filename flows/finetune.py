@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 from prefect import flow, task
@@ -90,10 +91,11 @@ def gate_task(recipe: Recipe, evaluation: EvalResult) -> GateDecision:
 
 @task(name="export")
 def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evaluation: EvalResult,
-                decision: GateDecision, run_dir: Path) -> ArtifactResult:
+                decision: GateDecision, run_dir: Path, started_at: str) -> ArtifactResult:
     """Merge, check and write the vLLM-ready artifact."""
     lineage = {
         "name": recipe.name,
+        "run_started_at": started_at,
         "recipe": recipe.model_dump(mode="json"),
         "recipe_hash": recipe_hash(recipe),
         "data": {"fingerprint": data.fingerprint, "train_rows": data.train_rows, "eval_rows": data.eval_rows,
@@ -120,9 +122,10 @@ def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evalua
 @flow(name="finetune")
 def finetune(recipe: Recipe, output_dir: str = "runs") -> str:
     """Data -> training -> evaluation -> gates -> export; returns the artifact folder."""
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     run_dir = run_folder(recipe, output_dir)
     data = prepare_data_task(recipe, run_dir)
     trained = train_task(recipe, data, run_dir)
     evaluation = evaluate_task(recipe, trained, data, run_dir)
     decision = gate_task(recipe, evaluation)
-    return export_task(recipe, trained, data, evaluation, decision, run_dir).path
+    return export_task(recipe, trained, data, evaluation, decision, run_dir, started_at).path

@@ -204,6 +204,7 @@ def _manifest(section: ExportSection, trained: TrainResult, lineage: dict, equiv
     return {
         "format": "ftpipe-artifact/1",
         "name": lineage["name"],
+        "run_started_at": lineage.get("run_started_at"),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "recipe_hash": lineage["recipe_hash"],
         "recipe": lineage["recipe"],

@@ -6,7 +6,7 @@ presets and the architecture name vLLM serves.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -73,18 +73,11 @@ FAMILIES: dict[str, Family] = {
         extra_special=("<|im_start|>",),
         lora_presets=_PRESETS,
     ),
-    "qwen3": Family(
-        model_type="qwen3",
-        architecture="Qwen3ForCausalLM",
-        config_class="Qwen3Config",
-        template="chatml.jinja",
-        bos_token=None,
-        end_of_turn="<|im_end|>",
-        pad_candidates=("<|endoftext|>",),
-        extra_special=("<|im_start|>",),
-        lora_presets=_PRESETS,
-    ),
 }
+
+
+# Qwen3 shares Qwen2's ChatML template and tokens; only the architecture differs.
+FAMILIES["qwen3"] = replace(FAMILIES["qwen2"], model_type="qwen3", architecture="Qwen3ForCausalLM", config_class="Qwen3Config")
 
 
 class UnsupportedFamilyError(ValueError):
