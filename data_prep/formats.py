@@ -1,14 +1,26 @@
-"""Normalise chat, alpaca and prompt/completion rows into one canonical chat row, and validate it.
+"""Normalise every supported row format into one canonical row, and validate it.
 
-The canonical row is `{"messages": [{"role": ..., "content": ...}, ...]}`: an optional system message,
-then user/assistant turns alternating, ending with the assistant (what SFT learns from).
+Canonical rows (what training reads):
+- chat: `{"messages": [{"role", "content"}, ...]}`: optional system, then user/assistant alternating, ending
+  with the assistant. chat, sharegpt, alpaca and completion rows all become this.
+- text: `{"text": ...}` for continued pre-training.
+- preference: `{"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}` for DPO
+  (trl's conversational preference format).
 """
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "model": "assistant", "bot": "assistant", "system": "system"}
+KIND_OF_FORMAT = {"chat": "chat", "sharegpt": "chat", "alpaca": "chat", "completion": "chat", "text": "text", "preference": "preference"}
+
+_SPACES = re.compile(r"[ \t\f\v\u00a0]+")
+_TRAILING = re.compile(r"[ \t]+\n")
+_BLANK_LINES = re.compile(r"\n{3,}")
 
 
 class RowError(ValueError):
@@ -16,63 +28,141 @@ class RowError(ValueError):
 
 
 def detect_format(record: Any) -> str:
-    """chat | alpaca | completion, from the keys the row has."""
+    """The format a row is in, from the keys it has."""
     if not isinstance(record, dict):
         raise RowError(f"row is a {type(record).__name__}, expected an object")
     if "messages" in record:
         return "chat"
+    if "conversations" in record:
+        return "sharegpt"
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "instruction" in record and "output" in record:
         return "alpaca"
     if "prompt" in record and "completion" in record:
         return "completion"
+    if "text" in record:
+        return "text"
     raise RowError(
-        f"unrecognised row format (keys: {', '.join(sorted(map(str, record))) or 'none'}); "
-        "expected messages, instruction/output or prompt/completion"
+        f"unrecognised row format (keys: {', '.join(sorted(map(str, record))) or 'none'}); expected messages, "
+        "conversations, instruction/output, prompt/completion, prompt/chosen/rejected or text"
     )
 
 
-def to_messages(record: Any, fmt: str, system_prompt: str | None = None) -> list[dict[str, str]]:
-    """Convert one row of the given format (or auto) into validated canonical messages."""
+def rename_columns(record: Any, columns: dict[str, str]) -> Any:
+    if not columns or not isinstance(record, dict):
+        return record
+    return {columns.get(key, key): value for key, value in record.items()}
+
+
+def to_canonical(record: Any, fmt: str = "auto", system_prompt: str | None = None, system_mode: str = "add") -> tuple[str, dict]:
+    """(detected format, canonical row) for one row, text normalised and validated."""
     detected = detect_format(record)
     if fmt != "auto" and detected != fmt:
         raise RowError(f"row looks like {detected} but the source says format: {fmt}")
-    messages = {"chat": _from_chat, "alpaca": _from_alpaca, "completion": _from_completion}[detected](record)
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    validate_messages(messages)
-    return messages
+    builder = {"chat": _from_chat, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca, "completion": _from_completion,
+               "text": _from_text, "preference": _from_preference}[detected]
+    row = builder(record)
+    if "messages" in row:
+        row["messages"] = _with_system(row["messages"], system_prompt, system_mode)
+        validate_messages(row["messages"])
+    elif "prompt" in row:
+        row["prompt"] = _with_system(row["prompt"], system_prompt, system_mode)
+        validate_messages(row["prompt"] + row["chosen"])
+        validate_messages(row["prompt"] + row["rejected"])
+    return detected, row
 
 
-def _from_chat(record: dict) -> list[dict[str, str]]:
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise RowError("messages must be a non-empty list")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message or "content" not in message:
-            raise RowError(f"messages[{i}] must be an object with exactly role and content")
-        out.append({"role": message["role"], "content": _text(message["content"], f"messages[{i}].content")})
-    return out
+def kind_of(row: dict) -> str:
+    return "chat" if "messages" in row else "text" if "text" in row else "preference"
 
 
-def _from_alpaca(record: dict) -> list[dict[str, str]]:
-    instruction = _text(record["instruction"], "instruction")
-    extra = record.get("input")
-    prompt = instruction if extra in (None, "") else f"{instruction}\n\n{_text(extra, 'input')}"
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record["output"], "output")}]
-
-
-def _from_completion(record: dict) -> list[dict[str, str]]:
-    return [
-        {"role": "user", "content": _text(record["prompt"], "prompt")},
-        {"role": "assistant", "content": _text(record["completion"], "completion")},
-    ]
+def normalise_text(value: str) -> str:
+    """NFC, one space for runs of spaces/tabs, no trailing spaces on lines, at most one blank line, trimmed."""
+    value = unicodedata.normalize("NFC", value).replace("\r\n", "\n").replace("\r", "\n")
+    value = _SPACES.sub(" ", value)
+    value = _TRAILING.sub("\n", value)
+    return _BLANK_LINES.sub("\n\n", value).strip()
 
 
 def _text(value: Any, field: str) -> str:
     if not isinstance(value, str):
         raise RowError(f"{field} must be a string, got {type(value).__name__}")
-    return unicodedata.normalize("NFC", value)
+    return normalise_text(value)
+
+
+def _message_list(messages: Any, field: str, role_key: str = "role", content_key: str = "content", roles: dict | None = None) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise RowError(f"{field} must be a non-empty list")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or role_key not in message or content_key not in message:
+            raise RowError(f"{field}[{i}] must be an object with {role_key} and {content_key}")
+        extra = set(message) - {role_key, content_key, "name", "weight"}
+        if extra:
+            raise RowError(f"{field}[{i}] has unsupported keys: {', '.join(sorted(map(str, extra)))}")
+        role = message[role_key]
+        if roles is not None:
+            if role not in roles:
+                raise RowError(f"{field}[{i}].{role_key} {role!r} is not one of {', '.join(roles)}")
+            role = roles[role]
+        out.append({"role": role, "content": _text(message[content_key], f"{field}[{i}].{content_key}")})
+    return out
+
+
+def _from_chat(record: dict) -> dict:
+    return {"messages": _message_list(record["messages"], "messages")}
+
+
+def _from_sharegpt(record: dict) -> dict:
+    return {"messages": _message_list(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)}
+
+
+def _from_alpaca(record: dict) -> dict:
+    instruction = _text(record["instruction"], "instruction")
+    extra = record.get("input")
+    prompt = instruction if extra in (None, "") else f"{instruction}\n\n{_text(extra, 'input')}"
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record["output"], "output")}]}
+
+
+def _from_completion(record: dict) -> dict:
+    return {"messages": [{"role": "user", "content": _text(record["prompt"], "prompt")},
+                         {"role": "assistant", "content": _text(record["completion"], "completion")}]}
+
+
+def _from_text(record: dict) -> dict:
+    text = _text(record["text"], "text")
+    if not text:
+        raise RowError("text is empty")
+    return {"text": text}
+
+
+def _from_preference(record: dict) -> dict:
+    if "prompt" not in record:
+        raise RowError("preference row has chosen/rejected but no prompt")
+    prompt = record["prompt"]
+    prompt = [{"role": "user", "content": _text(prompt, "prompt")}] if isinstance(prompt, str) else _message_list(prompt, "prompt")
+    return {"prompt": prompt, "chosen": _answer(record["chosen"], "chosen"), "rejected": _answer(record["rejected"], "rejected")}
+
+
+def _answer(value: Any, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": _text(value, field)}]
+    messages = _message_list(value, field)
+    if [m["role"] for m in messages] != ["assistant"]:
+        raise RowError(f"{field} must be one assistant message")
+    return messages
+
+
+def _with_system(messages: list[dict], system_prompt: str | None, mode: str) -> list[dict]:
+    if not system_prompt:
+        return messages
+    has_system = messages[0]["role"] == "system"
+    if mode == "replace" and has_system:
+        return [{"role": "system", "content": system_prompt}, *messages[1:]]
+    if not has_system:
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
 
 
 def validate_messages(messages: list[dict[str, str]]) -> None:
@@ -92,3 +182,21 @@ def validate_messages(messages: list[dict[str, str]]) -> None:
             raise RowError(f"messages[{i + offset}].role is {message['role']!r}, expected {expected!r} (turns must alternate user/assistant)")
     if turns[-1]["role"] != "assistant":
         raise RowError("the last message must be from the assistant")
+
+
+def row_texts(row: dict) -> list[str]:
+    """Every text field of a canonical row, in order."""
+    if "text" in row:
+        return [row["text"]]
+    if "messages" in row:
+        return [m["content"] for m in row["messages"]]
+    return [m["content"] for m in row["prompt"] + row["chosen"] + row["rejected"]]
+
+
+def map_texts(row: dict, fn) -> dict:
+    """The same row with fn applied to every text field."""
+    if "text" in row:
+        return {"text": fn(row["text"])}
+    if "messages" in row:
+        return {"messages": [{**m, "content": fn(m["content"])} for m in row["messages"]]}
+    return {key: [{**m, "content": fn(m["content"])} for m in row[key]] for key in ("prompt", "chosen", "rejected")}

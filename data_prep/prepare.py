@@ -1,28 +1,54 @@
-"""The data stage: sources -> canonical chat rows -> quarantine -> deterministic split -> files + report."""
+"""The data stage: sources -> canonical rows -> validate/quarantine -> clean/redact/dedup -> split ->
+contamination check -> (token-length filter) -> files and a report whose counts reconcile.
+
+Rows stream through: files are read lazily, the per-row work runs in `data.workers` processes a few
+chunks ahead of the writer, and only the de-duplication and contamination indexes stay in memory.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from collections import Counter
+import multiprocessing
+import os
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 
-from data_prep.formats import RowError, to_messages
-from data_prep.readers import DataError, read_rows
+import xxhash
+
+from data_prep.dedup import ContaminationIndex, Deduplicator
+from data_prep.files import atomic_write_json, sha256_file
+from data_prep.readers import DataError, RawRow
+from data_prep.rows import Processed, RowProcessor, RowSettings, init_worker, process_chunk
+from data_prep.sources import iter_source
 from recipes.schema import DataSection, DataSource
-from data_prep.files import atomic_write_text, jsonl_lines
 
 log = logging.getLogger(__name__)
+
+CHUNK_ROWS = 1024
+MAX_LISTED_PAIRS = 1000
 
 
 @dataclass
 class SourceCounts:
+    """rows_in = kept + quarantined + sum(removed); written counts weight copies of kept training rows."""
+
     path: str
+    role: str  # train | eval | train+eval (split)
     rows_in: int = 0
     kept: int = 0
     quarantined: int = 0
+    removed: dict[str, int] = field(default_factory=dict)
+    written: int = 0
     formats: dict[str, int] = field(default_factory=dict)
+    pii_redacted: dict[str, int] = field(default_factory=dict)
+    stopped_at_max_samples: bool = False
+
+    def reconciles(self) -> bool:
+        return self.rows_in == self.kept + self.quarantined + sum(self.removed.values())
 
 
 @dataclass
@@ -38,82 +64,188 @@ class PreparedData:
     eval_rows: int
     quarantined_rows: int
     sources: list[SourceCounts]
+    kinds: dict[str, int] = field(default_factory=dict)
+    contamination: dict = field(default_factory=dict)
+    overlong: str = "drop"
+    token_lengths: dict = field(default_factory=dict)
+    cache_key: str = ""
+    reused: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreparedData":
+        return cls(**{**data, "sources": [SourceCounts(**s) for s in data["sources"]]})
 
-def canonical_json(messages: list[dict[str, str]]) -> str:
-    return json.dumps({"messages": messages}, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
+def prepare_data(section: DataSection, out_dir: str | Path, reuse: bool = True) -> PreparedData:
+    """Read every source, quarantine bad rows, clean, de-duplicate, split, check contamination; write files.
 
-def prepare_data(section: DataSection, out_dir: str | Path) -> PreparedData:
-    """Read every source, quarantine bad rows, split, and write train/eval/quarantine JSONL and a report."""
+    The cache key is the source files' fingerprint plus the data section: when out_dir already holds data
+    prepared under the same key, it is reused as it is (reuse=False forces a rebuild). With workers > 1
+    the row work runs in spawned processes, so a script calling this needs an `if __name__ == "__main__":`
+    guard (the CLI and Prefect have one)."""
     out_dir = Path(out_dir)
-    quarantine: list[dict] = []
-    train_rows, train_counts = _load_sources(section.sources, section, quarantine)
-    if section.eval_sources:
-        eval_rows, eval_counts = _load_sources(section.eval_sources, section, quarantine)
-    else:
-        train_rows, eval_rows = split_rows(train_rows, section.eval_fraction, section.seed)
-        eval_counts = []
-    counts = train_counts + eval_counts
-    _check_invalid_fraction(counts, section.max_invalid_fraction, out_dir / "quarantine.jsonl")
-    if not train_rows:
-        raise DataError("no training rows left after validation and split; see quarantine.jsonl")
-    if not eval_rows:
-        raise DataError("no evaluation rows: add eval_sources or raise data.eval_fraction")
-
-    fingerprint = data_fingerprint(section, train_rows, eval_rows)
+    key = cache_key(section)
+    if reuse and (cached := load_prepared(out_dir, key)) is not None:
+        log.info("data: reusing prepared data in %s (cache key %s)", out_dir, key[:12])
+        return cached
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / f"{name}.jsonl" for name in ("train", "eval", "quarantine")}
-    atomic_write_text(paths["train"], jsonl_lines(train_rows))
-    atomic_write_text(paths["eval"], jsonl_lines(eval_rows))
-    atomic_write_text(paths["quarantine"], jsonl_lines(quarantine))
+    staged_train = out_dir / ".train.unchecked.jsonl"
+    counts: list[SourceCounts] = []
+    kinds: Counter[str] = Counter()
+    with _Processor(section) as processor, paths["eval"].open("w", encoding="utf-8") as eval_out, \
+            staged_train.open("w", encoding="utf-8") as train_out, paths["quarantine"].open("w", encoding="utf-8") as quarantine:
+        writer = _SplitWriter(section, train_out, eval_out, quarantine, kinds)
+        if section.eval_sources:
+            eval_dedup = Deduplicator(section.dedup)
+            for source in section.eval_sources:
+                counts.append(writer.consume(source, "eval", processor.run(source), eval_dedup))
+        train_dedup = Deduplicator(section.dedup)
+        role = "train" if section.eval_sources else "train+eval"
+        for source in section.sources:
+            counts.append(writer.consume(source, role, processor.run(source), train_dedup))
+    _check_invalid_fraction(counts, section.max_invalid_fraction, paths["quarantine"])
+    contamination = _check_contamination(section, paths["eval"], staged_train, paths["train"])
+    train_rows, eval_rows = _count_lines(paths["train"]), _count_lines(paths["eval"])
+    if not train_rows:
+        raise DataError(f"no training rows left after validation, cleaning and split; see {paths['quarantine']} and the report")
+    if not eval_rows:
+        raise DataError("no evaluation rows: add data.eval_sources or raise data.eval_fraction")
     result = PreparedData(
-        train_path=str(paths["train"]),
-        eval_path=str(paths["eval"]),
-        quarantine_path=str(paths["quarantine"]),
-        report_path=str(out_dir / "report.json"),
-        fingerprint=fingerprint,
-        train_rows=len(train_rows),
-        eval_rows=len(eval_rows),
-        quarantined_rows=len(quarantine),
-        sources=counts,
+        train_path=str(paths["train"]), eval_path=str(paths["eval"]), quarantine_path=str(paths["quarantine"]),
+        report_path=str(out_dir / "report.json"), fingerprint=files_fingerprint(section, paths["train"], paths["eval"]),
+        train_rows=train_rows, eval_rows=eval_rows, quarantined_rows=sum(c.quarantined for c in counts),
+        sources=counts, kinds=dict(kinds), contamination=contamination, overlong=section.overlong, cache_key=key,
     )
-    atomic_write_text(Path(result.report_path), json.dumps(result.to_dict(), indent=2) + "\n")
-    log.info("data: %d train, %d eval, %d quarantined rows; fingerprint %s", len(train_rows), len(eval_rows), len(quarantine), fingerprint[:12])
+    write_report(result)
+    log.info("data: %d train, %d eval, %d quarantined rows; fingerprint %s", train_rows, eval_rows, result.quarantined_rows, result.fingerprint[:12])
     return result
 
 
-def _load_sources(sources: list[DataSource], section: DataSection, quarantine: list[dict]) -> tuple[list[dict], list[SourceCounts]]:
-    rows: list[dict] = []
-    counts: list[SourceCounts] = []
-    for source in sources:
-        count = SourceCounts(path=source.path)
+def write_report(result: PreparedData) -> None:
+    atomic_write_json(Path(result.report_path), {**result.to_dict(), "reused": False})
+
+
+def cache_key(section: DataSection) -> str:
+    """What prepared data depends on: the sources' bytes and every data option that changes the output."""
+    return hashlib.sha256(f"{source_fingerprint(section)}\x00{section.model_dump_json(exclude={'workers'})}".encode()).hexdigest()
+
+
+def load_prepared(out_dir: Path, key: str) -> PreparedData | None:
+    """The data prepared earlier under this cache key, if its files are all still there."""
+    report = out_dir / "report.json"
+    if not report.is_file():
+        return None
+    data = PreparedData.from_dict(json.loads(report.read_text()))
+    files = (data.train_path, data.eval_path, data.quarantine_path)
+    if data.cache_key != key or not all(Path(p).is_file() for p in files):
+        return None
+    data.reused = True
+    return data
+
+
+class _Processor:
+    """Runs the per-row work in a pool of worker processes (or in this process when workers == 1)."""
+
+    def __init__(self, section: DataSection):
+        self.section = section
+        self.pii_types = list(section.pii.types) if section.pii.redact else []
+        self.num_perm = section.dedup.num_perm if section.dedup.near else None
+        self.pool = None
+
+    def __enter__(self) -> "_Processor":
+        if self.section.workers > 1:
+            context = multiprocessing.get_context("spawn")  # no fork: the parent may hold torch threads
+            self.pool = context.Pool(self.section.workers, initializer=init_worker, initargs=(self.pii_types, self.num_perm))
+        else:
+            self.local = RowProcessor(self.pii_types, self.num_perm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+    def run(self, source: DataSource) -> Iterator[Processed]:
+        settings = RowSettings(source.format, tuple(source.columns.items()), self.section.system_prompt,
+                               self.section.system_prompt_mode, self.section.max_row_chars)
+        chunks = ((chunk, settings) for chunk in _chunks(iter_source(source), CHUNK_ROWS))
+        if self.pool is None:
+            for chunk, _ in chunks:
+                yield from self.local.chunk(chunk, settings)
+            return
+        pending: deque = deque()
+        for item in chunks:  # a bounded window of chunks in flight keeps memory flat on any input size
+            pending.append(self.pool.apply_async(process_chunk, (item,)))
+            if len(pending) >= 2 * self.section.workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+def _chunks(rows: Iterable[RawRow], size: int) -> Iterator[list[RawRow]]:
+    iterator = iter(rows)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+class _SplitWriter:
+    """Decides each processed row's fate and writes it: quarantine, duplicate, train (with weight) or eval."""
+
+    def __init__(self, section: DataSection, train_out, eval_out, quarantine, kinds: Counter):
+        self.section = section
+        self.train_out, self.eval_out, self.quarantine = train_out, eval_out, quarantine
+        self.kinds = kinds
+
+    def consume(self, source: DataSource, role: str, rows: Iterator[Processed], dedup: Deduplicator) -> SourceCounts:
+        count = SourceCounts(path=source.name, role=role)
+        removed: Counter[str] = Counter()
         formats: Counter[str] = Counter()
-        for raw in read_rows(source.path):
+        pii: Counter[str] = Counter()
+        for item in rows:
             count.rows_in += 1
-            try:
-                if raw.error:
-                    raise RowError(raw.error)
-                messages = to_messages(raw.record, source.format, section.system_prompt)
-            except RowError as exc:
+            if item.reason is not None:
                 count.quarantined += 1
-                quarantine.append({"source": raw.source, "row": raw.row, "reason": str(exc), "record": raw.record})
+                self.quarantine.write(json.dumps({"source": item.source, "row": item.row, "reason": item.reason,
+                                                  "record": item.record_preview}, ensure_ascii=False) + "\n")
                 continue
-            formats[_format_of(raw.record)] += 1
-            rows.append({"messages": messages})
+            duplicate = dedup.check(item.key, item.signature)
+            if duplicate:
+                removed[duplicate] += 1
+                continue
             count.kept += 1
-        if count.rows_in == 0:
-            raise DataError(f"{source.path}: file has no rows")
-        count.formats = dict(formats)
-        log.info("data: %s: %d rows, %d kept, %d quarantined, formats %s", source.path, count.rows_in, count.kept, count.quarantined, dict(formats))
-        counts.append(count)
-    return rows, counts
+            formats[item.fmt] += 1
+            pii.update(item.pii)
+            self.kinds[item.kind] += 1
+            count.written += self._write(item, role, source.weight)
+            if source.max_samples and count.kept >= source.max_samples:
+                count.stopped_at_max_samples = True
+                break
+        count.removed, count.formats, count.pii_redacted = dict(removed), dict(formats), dict(pii)
+        log.info("data: %s (%s): %d rows in, %d kept, %d quarantined, removed %s, pii %s", source.name, role,
+                 count.rows_in, count.kept, count.quarantined, dict(removed), dict(pii))
+        return count
+
+    def _write(self, item: Processed, role: str, weight: float) -> int:
+        line = item.canonical + "\n"
+        if role == "eval" or (role == "train+eval" and held_out(item.key, self.section.eval_fraction, self.section.seed)):
+            self.eval_out.write(line)
+            return 1
+        copies = int(weight) + (1 if self._unit(item.key, "weight") < weight - int(weight) else 0)
+        self.train_out.write(line * copies)
+        return copies
+
+    def _unit(self, key: int, purpose: str) -> float:
+        return xxhash.xxh3_64_intdigest(f"{self.section.seed}:{purpose}:{key}".encode()) / 2**64
 
 
-def _format_of(record: dict) -> str:
-    return "chat" if "messages" in record else "alpaca" if "instruction" in record else "completion"
+def held_out(key: int, eval_fraction: float, seed: int) -> bool:
+    """Whether a row (by its content key) goes to eval: a hash of content and seed, so the split is stable
+    under reordering and reruns."""
+    return xxhash.xxh3_64_intdigest(f"{seed}:{key}".encode()) < int(eval_fraction * 2**64)
 
 
 def _check_invalid_fraction(counts: list[SourceCounts], limit: float, quarantine_path: Path) -> None:
@@ -125,27 +257,64 @@ def _check_invalid_fraction(counts: list[SourceCounts], limit: float, quarantine
             f"{bad} of {total} rows ({bad / total:.1%}) are invalid, above data.max_invalid_fraction={limit:g}; "
             f"worst source {worst.path} ({worst.quarantined}/{worst.rows_in}); reasons in {quarantine_path}"
         )
+    empty = [c.path for c in counts if c.rows_in == 0]
+    if empty:
+        raise DataError(f"{empty[0]}: source has no rows")
+
+
+def _check_contamination(section: DataSection, eval_path: Path, staged_train: Path, train_path: Path) -> dict:
+    """Compare every training row with the eval prompts; report overlapping pairs, drop them if asked."""
+    config = section.contamination
+    if not config.check:
+        os.replace(staged_train, train_path)
+        return {"checked": False}
+    index = ContaminationIndex(config)
+    with eval_path.open(encoding="utf-8") as f:
+        for line in f:
+            index.add_eval_row(json.loads(line))
+    from data_prep.formats import row_texts
+
+    pairs, contaminated_rows, eval_hit = [], 0, set()
+    with staged_train.open(encoding="utf-8") as src, train_path.open("w", encoding="utf-8") as dst:
+        for number, line in enumerate(src, start=1):
+            hits = index.overlaps("\n".join(row_texts(json.loads(line))))
+            if hits:
+                contaminated_rows += 1
+                eval_hit.update(i for i, _ in hits)
+                pairs.extend({"train_row": number, "eval_row": i + 1, "overlap": share} for i, share in hits[: MAX_LISTED_PAIRS - len(pairs)])
+                if config.remove:
+                    continue
+            dst.write(line)
+    staged_train.unlink()
+    result = {"checked": True, "ngram": config.ngram, "min_overlap": config.min_overlap, "eval_rows_indexed": index.indexed,
+              "contaminated_train_rows": contaminated_rows, "eval_rows_hit": len(eval_hit), "removed": contaminated_rows if config.remove else 0,
+              "pairs": pairs, "pairs_listed": len(pairs)}
+    if contaminated_rows:
+        log.warning("data: %d training rows share >= %.0f%% of an eval prompt's %d-grams (%d eval rows hit)%s",
+                    contaminated_rows, 100 * config.min_overlap, config.ngram, len(eval_hit), "; removed" if config.remove else "")
+    return result
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for _ in f)
+
+
+def files_fingerprint(section: DataSection, train_path: Path, eval_path: Path) -> str:
+    """sha256 over the data recipe and the canonical rows of each split (the files, byte for byte)."""
+    digest = hashlib.sha256(section.model_dump_json(exclude={"workers"}).encode())
+    for path in (train_path, eval_path):
+        digest.update(f"\x00{path.stem}\x00{sha256_file(path)}".encode())
+    return digest.hexdigest()
 
 
 def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Assign each row by a hash of its content and the seed: stable under reordering and reruns."""
-    train, held_out = [], []
-    threshold = int(eval_fraction * 2**64)
+    """The split prepare_data applies, for a list of canonical rows (used by tests and tools)."""
+    train, evaluation = [], []
     for row in rows:
-        digest = hashlib.sha256(f"{seed}\x00{canonical_json(row['messages'])}".encode()).digest()
-        (held_out if int.from_bytes(digest[:8], "big") < threshold else train).append(row)
-    return train, held_out
-
-
-def data_fingerprint(section: DataSection, train_rows: list[dict], eval_rows: list[dict]) -> str:
-    """sha256 over the data recipe and the canonical rows of each split, in order."""
-    digest = hashlib.sha256()
-    digest.update(section.model_dump_json().encode())
-    for name, rows in (("train", train_rows), ("eval", eval_rows)):
-        digest.update(f"\x00{name}\x00".encode())
-        for row in rows:
-            digest.update(canonical_json(row["messages"]).encode() + b"\n")
-    return digest.hexdigest()
+        key = xxhash.xxh3_64_intdigest(json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode())
+        (evaluation if held_out(key, eval_fraction, seed) else train).append(row)
+    return train, evaluation
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -155,11 +324,17 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def source_fingerprint(section: DataSection) -> str:
-    """sha256 over the source files' paths and bytes: known before preparation, so it can name the run folder."""
-    from data_prep.files import sha256_file
+    """sha256 over the local source files' paths and bytes (remote and hub sources by name and revision):
+    known before preparation, so it can name the run folder and key the cache."""
+    from data_prep.sources import files_behind
 
     digest = hashlib.sha256()
     for source in [*section.sources, *section.eval_sources]:
-        path = Path(source.path)
-        digest.update(f"{source.path}\x00{sha256_file(path) if path.is_file() else 'missing'}\x00".encode())
+        digest.update(f"{source.name}\x00{source.revision}\x00".encode())
+        if source.path and "://" not in source.path:
+            try:
+                for file in files_behind(source.path):
+                    digest.update(f"{file}\x00{sha256_file(Path(file))}\x00".encode())
+            except DataError:
+                digest.update(b"missing")  # the data stage reports it properly
     return digest.hexdigest()

@@ -1,6 +1,6 @@
-"""The `ftpipe` command line: validate, schema, run.
+"""The `ftpipe` command line: validate, schema, prepare, run.
 
-Exit codes of `ftpipe run`: 0 success, 1 a gate rejected the model, 2 invalid recipe or input data,
+Exit codes of `ftpipe run` (and `ftpipe prepare`): 0 success, 1 a gate rejected the model, 2 invalid recipe or input data,
 3 the run failed for another reason (the message and the Prefect flow run say why).
 """
 from __future__ import annotations
@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     _recipe_args(run)
     run.add_argument("--output-dir", default="runs", help="folder that holds run folders (default: ./runs)")
     run.set_defaults(handler=_run)
+
+    prepare = sub.add_parser("prepare", help="run the data stage alone, into the folder `ftpipe run` would use")
+    _recipe_args(prepare)
+    prepare.add_argument("--output-dir", default="runs", help="folder that holds run folders (default: ./runs)")
+    prepare.set_defaults(handler=_prepare)
     return parser
 
 
@@ -79,7 +84,7 @@ def summary(recipe: Recipe) -> str:
         f"recipe: {recipe.name} (valid)",
         f"model: {recipe.model.base}" + (f" @ {recipe.model.revision}" if recipe.model.revision else ""),
         f"data: {len(d.sources)} source(s): " + ", ".join(s.path for s in d.sources),
-        f"eval: " + (", ".join(s.path for s in d.eval_sources) if d.eval_sources else f"{d.eval_fraction:g} split (seed {d.seed})")
+        "eval: " + (", ".join(s.path for s in d.eval_sources) if d.eval_sources else f"{d.eval_fraction:g} split (seed {d.seed})")
         + f", max {e.max_samples} samples",
         f"training: {t.method} {t.adapter} r={t.lora.r} alpha={t.lora.alpha} targets={t.lora.target_modules} backend={t.backend}",
         f"          {length} lr={t.learning_rate:g} batch={t.batch_size}x{t.gradient_accumulation_steps} "
@@ -97,13 +102,24 @@ def _schema(args) -> int:
 
 
 def _run(args) -> int:
-    recipe = _load(args)
-    _route_stage_logs()
+    _route_stage_logs()  # before Prefect is imported: it reads its logging settings then
     from flows.finetune import finetune
 
-    state = finetune(recipe, output_dir=args.output_dir, return_state=True)
+    return _run_flow(finetune, args, "artifact")
+
+
+def _prepare(args) -> int:
+    _route_stage_logs()
+    from flows.finetune import prepare
+
+    return _run_flow(prepare, args, "data")
+
+
+def _run_flow(flow, args, label: str) -> int:
+    recipe = _load(args)
+    state = flow(recipe, output_dir=args.output_dir, return_state=True)
     if state.is_completed():
-        print(f"artifact: {state.result()}")
+        print(f"{label}: {state.result()}")
         return EXIT_OK
     error = state.result(raise_on_failure=False)
     code = exit_code_for(error)

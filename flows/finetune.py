@@ -9,11 +9,14 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from data_prep.prepare import PreparedData, prepare_data, source_fingerprint
+from data_prep.tokens import filter_token_lengths
 from evaluation.evaluate import EvalResult, evaluate
 from evaluation.gates import GateDecision, GateRejected, decide
 from recipes import Recipe, recipe_hash
 from serving.export import ArtifactResult, export_artifact
-from training.train import TrainResult, train
+from flows.reports import data_report_markdown
+from training.models import BaseModelRef, load_tokenizer, resolve_base
+from training.train import TrainResult, train, training_corpus
 
 
 def run_folder(recipe: Recipe, output_dir: str | Path) -> Path:
@@ -24,22 +27,30 @@ def run_folder(recipe: Recipe, output_dir: str | Path) -> Path:
 
 @task(name="prepare-data")
 def prepare_data_task(recipe: Recipe, run_dir: Path) -> PreparedData:
-    """Read, validate, quarantine and split the data."""
-    data = prepare_data(recipe.data, run_dir / "data")
-    create_table_artifact(
-        key="data-counts",
-        table=[{"source": s.path, "rows in": s.rows_in, "kept": s.kept, "quarantined": s.quarantined,
-                "formats": ", ".join(f"{k}: {v}" for k, v in s.formats.items())} for s in data.sources],
-        description=f"Data: {data.train_rows} train, {data.eval_rows} eval, {data.quarantined_rows} quarantined "
-        f"rows (see {data.quarantine_path}); fingerprint {data.fingerprint[:16]}",
-    )
+    """Read, validate, quarantine, clean, de-duplicate and split the data (reused when unchanged)."""
+    return prepare_data(recipe.data, run_dir / "data")
+
+
+@task(name="resolve-model")
+def resolve_model_task(recipe: Recipe, data: PreparedData) -> BaseModelRef:
+    """Find the base model (or build the tiny one from the prepared text, keyed by the data's cache key)."""
+    return resolve_base(recipe.model, lambda: training_corpus(data), corpus_key=data.cache_key)
+
+
+@task(name="filter-tokens")
+def filter_tokens_task(recipe: Recipe, data: PreparedData, base: BaseModelRef) -> PreparedData:
+    """Token-length filter with the model's tokenizer and chat template; publish the data report."""
+    tokenizer = load_tokenizer(base, recipe.model)
+    max_tokens = recipe.data.max_tokens or recipe.training.max_seq_length
+    data = filter_token_lengths(data, recipe.data, tokenizer, max_tokens, tokenizer_id=f"{base.path}@{base.revision}|{recipe.model.chat_template}")
+    create_markdown_artifact(key="data-report", markdown=data_report_markdown(data), description="Data preparation report")
     return data
 
 
 @task(name="train")
-def train_task(recipe: Recipe, data: PreparedData, run_dir: Path) -> TrainResult:
+def train_task(recipe: Recipe, data: PreparedData, base: BaseModelRef, run_dir: Path) -> TrainResult:
     """Train the LoRA/QLoRA adapter."""
-    trained = train(recipe.training, recipe.model, recipe.tracking, data, run_dir / "training",
+    trained = train(recipe.training, recipe.model, recipe.tracking, data, run_dir / "training", base=base,
                     run_name=recipe.name, run_config=recipe.model_dump(mode="json"))
     m = trained.metrics
     create_markdown_artifact(
@@ -124,8 +135,21 @@ def finetune(recipe: Recipe, output_dir: str = "runs") -> str:
     """Data -> training -> evaluation -> gates -> export; returns the artifact folder."""
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     run_dir = run_folder(recipe, output_dir)
-    data = prepare_data_task(recipe, run_dir)
-    trained = train_task(recipe, data, run_dir)
+    data, base = _prepared(recipe, run_dir)
+    trained = train_task(recipe, data, base, run_dir)
     evaluation = evaluate_task(recipe, trained, data, run_dir)
     decision = gate_task(recipe, evaluation)
     return export_task(recipe, trained, data, evaluation, decision, run_dir, started_at).path
+
+
+def _prepared(recipe: Recipe, run_dir: Path) -> tuple[PreparedData, BaseModelRef]:
+    data = prepare_data_task(recipe, run_dir)
+    base = resolve_model_task(recipe, data)
+    return filter_tokens_task(recipe, data, base), base
+
+
+@flow(name="prepare")
+def prepare(recipe: Recipe, output_dir: str = "runs") -> str:
+    """The data stage alone, into the same run folder `finetune` uses; returns the data folder."""
+    data, _ = _prepared(recipe, run_folder(recipe, output_dir))
+    return str(Path(data.train_path).parent)

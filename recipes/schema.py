@@ -49,33 +49,101 @@ class ModelSection(Section):
         return self
 
 
+FORMATS = ("auto", "chat", "sharegpt", "alpaca", "completion", "text", "preference")
+PII_TYPES = ("email", "phone", "credit_card", "iban", "ip_address", "secret")
+
+
 class DataSource(Section):
-    path: str = Field(description="A local JSONL, JSON, CSV or Parquet file. Relative paths are read from the recipe's folder.")
-    format: Literal["auto", "chat", "alpaca", "completion"] = Field(
-        "auto",
-        description="Row format: chat ({messages}), alpaca ({instruction, input, output}), completion "
-        "({prompt, completion}); auto detects it per row.",
+    path: str | None = Field(
+        None,
+        description="A file, glob, folder, `save_to_disk` dataset folder or fsspec URL (s3://, gs://, az://, https://, "
+        "memory://) of JSONL, JSON, CSV or Parquet. Relative paths are read from the recipe's folder.",
     )
+    hub: str | None = Field(None, description="A hub dataset id, loaded with datasets.load_dataset (pin `revision`).")
+    revision: str | None = Field(None, description="Hub dataset revision (commit or tag) to pin.")
+    split: str = Field("train", description="Hub dataset split.")
+    format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
+        "auto",
+        description="Row format: chat ({messages}), sharegpt ({conversations: [{from, value}]}), alpaca "
+        "({instruction, input, output}), completion ({prompt, completion}), text ({text}, continued pre-training), "
+        "preference ({prompt, chosen, rejected}, for DPO); auto detects it per row.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename source columns before format detection, e.g. {question: prompt, answer: completion}."
+    )
+    weight: float = Field(1.0, gt=0, description="Mixing weight: each row is kept weight times (2 = every row twice, 0.5 = a "
+                          "deterministic half).")
+    max_samples: int | None = Field(None, gt=0, description="Read at most this many valid rows from this source.")
+    credentials_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding fsspec storage options (JSON) for a remote path."
+    )
+
+    @model_validator(mode="after")
+    def _path_or_hub(self) -> "DataSource":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("a source needs exactly one of path or hub")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.path if self.path is not None else f"hub:{self.hub}"
 
 
 def _sample_sources() -> list[DataSource]:
     return [DataSource(path=str(SAMPLE_DATA_DIR / "support_tickets_train.jsonl"))]
 
 
+class DedupSection(Section):
+    exact: bool = Field(True, description="Drop rows whose normalised content repeats an earlier row.")
+    near: bool = Field(True, description="Drop near-duplicates found by MinHash LSH (datasketch).")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Estimated Jaccard similarity of word 3-grams above which rows are near-duplicates.")
+    num_perm: int = Field(64, ge=16, le=512, description="MinHash permutations: more is more exact and slower.")
+
+
+class PIISection(Section):
+    redact: bool = Field(True, description="Replace personal data and secrets in training text with typed placeholders.")
+    types: list[Literal[PII_TYPES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(PII_TYPES), description="Which detectors run: " + ", ".join(PII_TYPES)
+    )
+
+
+class ContaminationSection(Section):
+    check: bool = Field(True, description="Look for evaluation prompts whose n-grams appear in training rows.")
+    ngram: int = Field(8, ge=3, le=50, description="Word n-gram length compared.")
+    min_overlap: float = Field(0.5, gt=0, le=1, description="Share of an eval prompt's n-grams found in one training row that counts as contamination.")
+    remove: bool = Field(False, description="Remove contaminated training rows (otherwise only report them).")
+    max_eval_rows: int = Field(10_000, gt=0, description="Eval rows indexed for the check (bounds memory).")
+
+
 class DataSection(Section):
     sources: list[DataSource] = Field(
-        default_factory=_sample_sources, min_length=1, description="Training data files (default: the shipped support-ticket sample)."
+        default_factory=_sample_sources, min_length=1, description="Training data (default: the shipped support-ticket sample)."
     )
     eval_sources: list[DataSource] = Field(
         default_factory=list,
-        description="Held-out evaluation files. When empty, eval_fraction of the sources is split off instead.",
+        description="Held-out evaluation data. When empty, eval_fraction of the sources is split off instead.",
     )
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows held out for evaluation when there are no eval_sources.")
-    seed: int = Field(42, description="Seed of the deterministic train/eval split.")
-    system_prompt: str | None = Field(None, description="System message added to rows that have none.")
+    seed: int = Field(42, description="Seed of the deterministic split and of weighted down-sampling.")
+    system_prompt: str | None = Field(None, description="System message for chat rows (see system_prompt_mode).")
+    system_prompt_mode: Literal["add", "replace"] = Field(
+        "add", description="add: only to rows without a system message; replace: every row gets this one."
+    )
     max_invalid_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail the stage when more than this share of rows is quarantined."
     )
+    max_row_chars: int = Field(200_000, gt=0, description="Quarantine rows with more characters than this (a runaway string).")
+    min_tokens: int = Field(1, ge=1, description="Drop rows shorter than this many tokens (model tokenizer, chat template applied).")
+    max_tokens: int | None = Field(
+        None, gt=0, description="Rows longer than this many tokens (default: training.max_seq_length) are handled per `overlong`."
+    )
+    overlong: Literal["drop", "truncate"] = Field(
+        "drop", description="drop: remove over-long rows (listed in the report); truncate: keep them, cut at max_tokens in training."
+    )
+    dedup: DedupSection = Field(default_factory=DedupSection)
+    pii: PIISection = Field(default_factory=PIISection)
+    contamination: ContaminationSection = Field(default_factory=ContaminationSection)
+    workers: int = Field(2, ge=1, le=64, description="Processes that parse, clean and hash rows in parallel.")
 
 
 class LoraSection(Section):

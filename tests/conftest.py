@@ -86,6 +86,15 @@ def prepared_small(tmp_path_factory):
     return prepare_data(section, folder / "prepared")
 
 
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect server for the session (Prefect's harness must not be nested)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 def run_ftpipe(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed command line as a user would."""
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)

@@ -115,7 +115,9 @@ def test_pad_equal_to_eos_collator_trap_is_caught(tokenizers, sample_rows):
 def test_tiny_model_cache_is_reused(corpus):
     from training.tiny import tiny_model_path
 
-    first = tiny_model_path("qwen2", corpus)
-    assert tiny_model_path("qwen2", corpus) == first
+    first = tiny_model_path("qwen2", lambda: corpus)
+    assert tiny_model_path("qwen2", lambda: corpus) == first
     assert json.loads((first / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
-    assert tiny_model_path("qwen2", corpus[:100]) != first
+    assert tiny_model_path("qwen2", lambda: corpus[:100]) != first
+    keyed = tiny_model_path("qwen2", lambda: corpus, corpus_key="data-key")
+    assert tiny_model_path("qwen2", lambda: pytest.fail("a keyed model is found without reading its corpus"), corpus_key="data-key") == keyed

@@ -14,14 +14,6 @@ QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 SHORT_EVAL = "evaluation.max_samples=40"
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end_and_passes_its_gates(tmp_path):
     result = run_ftpipe("run", str(QUICKSTART), "--set", SHORT_EVAL, "--output-dir", str(tmp_path))
@@ -39,7 +31,7 @@ def test_quickstart_runs_end_to_end_and_passes_its_gates(tmp_path):
     assert check_merged_model(artifact / "model") == []
     assert (artifact / "adapter" / "adapter_config.json").is_file()
     run_dir = artifact.parent
-    assert {p.name for p in (run_dir / "data").iterdir()} >= {"train.jsonl", "eval.jsonl", "quarantine.jsonl", "report.json"}
+    assert {p.name for p in (run_dir / "data").iterdir()} >= {"train.jsonl", "eval.jsonl", "quarantine.jsonl", "report.json", "token_lengths.png", "too_long.jsonl"}
     assert (run_dir / "eval" / "report.json").is_file()
     assert "Task run 'export" in result.stderr
 
@@ -87,5 +79,5 @@ def test_flow_publishes_an_artifact_per_stage_and_fails_on_the_gate(prefect_serv
             artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
             return {a.key for a in artifacts if a.key}  # keyless ones are Prefect's own result records
 
-    assert asyncio.run(artifact_keys()) == {"data-counts", "training-summary", "evaluation", "gate-decision"}
+    assert asyncio.run(artifact_keys()) == {"data-report", "training-summary", "evaluation", "gate-decision"}
     assert not list(tmp_path.glob("*/artifact"))

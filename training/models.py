@@ -36,14 +36,14 @@ class BaseModelRef:
         return asdict(self)
 
 
-def resolve_base(section: ModelSection, corpus: Callable[[], list[str]]) -> BaseModelRef:
+def resolve_base(section: ModelSection, corpus: Callable[[], list[str]], corpus_key: str | None = None) -> BaseModelRef:
     """Find (or, for tiny:<family>, build from the training text) the base model and read its family."""
     from transformers import AutoConfig
 
     if section.base.startswith(TINY_PREFIX):
         from training.tiny import tiny_model_path
 
-        path = str(tiny_model_path(section.base[len(TINY_PREFIX):], corpus()))
+        path = str(tiny_model_path(section.base[len(TINY_PREFIX):], corpus, corpus_key))
         revision = None
     else:
         path, revision = section.base, section.revision

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recipes.schema import TrainingSection
-from training.tokenize import IGNORE, MaskingError, check_end_of_turn_trained, check_trained_fraction, encode_chat
+from data_prep.readers import DataError
+from training.tokenize import IGNORE, Encoded, MaskingError, check_end_of_turn_trained, check_trained_fraction, encode_chat
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +22,28 @@ class TokenizedRows:
     dropped: int
     total_tokens: int
     trained_fraction: float
+    truncated: int = 0
 
 
-def tokenize_rows(tokenizer, rows: list[dict], training: TrainingSection, run_dir: Path) -> TokenizedRows:
-    """Encode every row, set aside (with reason) rows longer than max_seq_length, check the labels."""
+def tokenize_rows(tokenizer, rows: list[dict], training: TrainingSection, run_dir: Path, overlong: str = "drop") -> TokenizedRows:
+    """Encode every row; rows longer than max_seq_length are set aside with a reason (overlong=drop) or cut
+    (overlong=truncate, the data recipe's choice); check the labels."""
     examples, sample, too_long = [], [], []
-    trained = total = 0
+    trained = total = truncated = 0
     for number, row in enumerate(rows, start=1):
+        if "messages" not in row:
+            kind = "text" if "text" in row else "preference"
+            raise DataError(f"train.jsonl row {number} is a {kind} row; training.method=sft trains on chat rows "
+                            "(conversations, instruction or prompt/completion data)")
         encoded = encode_chat(tokenizer, row["messages"])
-        if len(encoded.input_ids) > training.max_seq_length:
+        if len(encoded.input_ids) > training.max_seq_length and overlong == "truncate":
+            encoded = Encoded(encoded.input_ids[: training.max_seq_length], encoded.labels[: training.max_seq_length])
+            truncated += 1
+        elif len(encoded.input_ids) > training.max_seq_length:
             too_long.append({"row": number, "tokens": len(encoded.input_ids), "reason": f"longer than training.max_seq_length={training.max_seq_length}", **row})
             continue
-        check_end_of_turn_trained(encoded, tokenizer.eos_token_id, number)
+        else:
+            check_end_of_turn_trained(encoded, tokenizer.eos_token_id, number)
         examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
         if len(sample) < SAMPLE_ROWS:
             sample.append({"messages": row["messages"], "input_ids": encoded.input_ids, "prompt_length": encoded.prompt_length})
@@ -45,7 +56,7 @@ def tokenize_rows(tokenizer, rows: list[dict], training: TrainingSection, run_di
     if not examples:
         raise MaskingError(f"no training rows fit training.max_seq_length={training.max_seq_length}")
     fraction = check_trained_fraction(trained, total, training.min_trained_token_fraction, training.max_trained_token_fraction, "training data")
-    return TokenizedRows(examples, sample, len(too_long), total, round(fraction, 4))
+    return TokenizedRows(examples, sample, len(too_long), total, round(fraction, 4), truncated)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from training.families import Family, family_for
@@ -31,15 +31,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("FTPIPE_CACHE", Path.home() / ".cache" / "ftpipe"))
 
 
-def tiny_model_path(family_name: str, corpus: list[str], seed: int = 0) -> Path:
-    """Return the folder of the tiny model for this family and corpus, building it on first use."""
+def tiny_model_path(family_name: str, corpus: Callable[[], list[str]], corpus_key: str | None = None, seed: int = 0) -> Path:
+    """Return the folder of the tiny model for this family and corpus, building it on first use.
+
+    corpus_key names the corpus when the caller has a stable name for it (the prepared data's cache key),
+    so a rerun finds the same model without re-reading text that later filtering may have changed."""
     family = family_for(family_name)
-    digest = hashlib.sha256(f"{BUILDER_VERSION}\x00{family_name}\x00{seed}".encode())
-    for text in corpus:
-        digest.update(text.encode() + b"\x00")
+    digest = hashlib.sha256(f"{BUILDER_VERSION}\x00{family_name}\x00{seed}\x00".encode())
+    texts = None
+    if corpus_key:
+        digest.update(f"key:{corpus_key}".encode())
+    else:
+        texts = corpus()
+        for text in texts:
+            digest.update(text.encode() + b"\x00")
     target = cache_root() / "tiny" / f"{family_name}-{digest.hexdigest()[:16]}"
     if (target / "config.json").is_file():
         return target
+    corpus = texts if texts is not None else corpus()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:

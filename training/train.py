@@ -6,10 +6,12 @@ import logging
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.prepare import PreparedData, read_jsonl
+from data_prep.formats import row_texts
+from data_prep.readers import DataError
 from recipes.schema import ModelSection, TrackingSection, TrainingSection
 from training.models import BaseModelRef, ModelLoadError, resolve_base
 from training.tokenize import MaskingError
@@ -38,7 +40,7 @@ class TrainResult:
 
 def training_corpus(data: PreparedData) -> list[str]:
     """The text a tiny model's tokenizer is trained on: every message of the training rows."""
-    return [m["content"] for row in read_jsonl(data.train_path) for m in row["messages"]]
+    return [text for row in read_jsonl(data.train_path) for text in row_texts(row)]
 
 
 def train(
@@ -47,19 +49,22 @@ def train(
     tracking: TrackingSection,
     data: PreparedData,
     out_dir: str | Path,
+    base: BaseModelRef | None = None,
     run_name: str = "ftpipe",
     run_config: dict | None = None,
 ) -> TrainResult:
-    """Train a LoRA/QLoRA adapter on the prepared data; checkpoints and the adapter land in out_dir."""
+    """Train a LoRA/QLoRA adapter on the prepared data; checkpoints and the adapter land in out_dir.
+    The base model is resolved from the recipe unless the caller already did (the flow does, once)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = resolve_base(model, lambda: training_corpus(data))
+    base = base or resolve_base(model, lambda: training_corpus(data))
     spec = {
         "training": training.model_dump(mode="json"),
         "model": model.model_dump(mode="json"),
         "tracking": tracking.model_dump(mode="json"),
         "base": base.to_dict(),
         "train_path": data.train_path,
+        "overlong": data.overlong,
         "run_dir": str(out_dir),
         "run_name": run_name,
         "run_config": run_config,
@@ -71,7 +76,7 @@ def train(
     _run_worker(spec_path, out_dir / "train.log")
     metrics = json.loads((out_dir / "result.json").read_text())
     if "error" in metrics:
-        raise {"MaskingError": MaskingError, "ModelLoadError": ModelLoadError}[metrics["error"]](metrics["message"])
+        raise {"MaskingError": MaskingError, "ModelLoadError": ModelLoadError, "DataError": DataError}[metrics["error"]](metrics["message"])
     return TrainResult(base=base, adapter_path=metrics.pop("adapter_path"),
                        tokenized_sample_path=str(out_dir / "tokenized_sample.json"), metrics=metrics)
 

@@ -23,12 +23,13 @@ def main(spec_path: str) -> None:
     if backend == "unsloth":
         import unsloth  # noqa: F401  (must come before transformers, trl and peft)
     log.info("backend: %s (%s)", backend, why)
+    from data_prep.readers import DataError
     from training.models import ModelLoadError
     from training.tokenize import MaskingError
 
     try:
         result = run(spec, backend, why)
-    except (MaskingError, ModelLoadError) as exc:  # input problems: hand them back as themselves
+    except (MaskingError, ModelLoadError, DataError) as exc:  # input problems: hand them back as themselves
         result = {"error": type(exc).__name__, "message": str(exc)}
     Path(spec["result_path"]).write_text(json.dumps(result, indent=2))
 
@@ -56,7 +57,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
 
     tokenizer = load_tokenizer(ref, model_section)
     rows = read_jsonl(spec["train_path"])
-    tokenized = tokenize_rows(tokenizer, rows, training, run_dir)
+    tokenized = tokenize_rows(tokenizer, rows, training, run_dir, spec.get("overlong", "drop"))
     atomic_write_json(run_dir / "tokenized_sample.json", tokenized.sample)
     loader = load_unsloth if backend == "unsloth" else load_hf
     model = loader(ref, training, model_section.trust_remote_code)
@@ -92,6 +93,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
         "runtime_s": round(runtime, 3),
         "train_rows": len(tokenized.examples),
         "dropped_rows": tokenized.dropped,
+        "truncated_rows": tokenized.truncated,
         "train_tokens": tokenized.total_tokens,
         "trained_token_fraction": tokenized.trained_fraction,
         "batch_trained_fraction": stats.summary(),

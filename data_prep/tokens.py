@@ -1,0 +1,129 @@
+"""Token-length filtering with the model's own tokenizer and chat template, and the length statistics.
+
+It runs after the model is known (a tiny model's tokenizer is trained on the prepared text), rewrites the
+split files in place (through temporary files) and updates the report. Over-long rows are dropped or kept
+for truncation, as the recipe says, and always counted and listed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from data_prep.files import atomic_write_text
+from data_prep.prepare import PreparedData, files_fingerprint, write_report
+from recipes.schema import DataSection
+
+log = logging.getLogger(__name__)
+BATCH = 256
+HISTOGRAM_BINS = 20
+
+
+def token_length(tokenizer, row: dict) -> int:
+    """Tokens the model sees for a canonical row (chat template applied to conversations)."""
+    return token_lengths(tokenizer, [row])[0]
+
+
+def token_lengths(tokenizer, rows: list[dict]) -> list[int]:
+    texts = []
+    for row in rows:
+        if "text" in row:
+            texts.append([row["text"]])
+        elif "messages" in row:
+            texts.append([tokenizer.apply_chat_template(row["messages"], tokenize=False)])
+        else:
+            texts.append([tokenizer.apply_chat_template(row["prompt"] + row[k], tokenize=False) for k in ("chosen", "rejected")])
+    flat = [t for group in texts for t in group]
+    counts = iter(len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"])
+    return [max(next(counts) for _ in group) for group in texts]
+
+
+def filter_token_lengths(data: PreparedData, section: DataSection, tokenizer, max_tokens: int, tokenizer_id: str) -> PreparedData:
+    """Remove rows under min_tokens; drop (or keep for truncation) rows over max_tokens; record the lengths.
+    Filtering the same data with the same tokenizer and limits again is a no-op."""
+    key = f"{data.cache_key}|{tokenizer_id}|{section.min_tokens}|{max_tokens}|{section.overlong}"
+    if data.token_lengths.get("key") == key:
+        return data
+    out_dir = Path(data.train_path).parent
+    stats: dict = {"key": key, "min_tokens": section.min_tokens, "max_tokens": max_tokens, "overlong": section.overlong}
+    too_long: list[dict] = []
+    lengths: list[int] = []
+    for split, path in (("train", Path(data.train_path)), ("eval", Path(data.eval_path))):
+        kept, short, long_, truncated = _filter_file(path, tokenizer, section, max_tokens, split, too_long, lengths if split == "train" else None)
+        stats[split] = {"kept": kept, "removed_too_short": short, "removed_too_long": long_, "kept_over_max_for_truncation": truncated}
+    atomic_write_text(out_dir / "too_long.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in too_long))
+    stats["train_percentiles"] = percentiles(lengths)
+    stats["histogram"] = str(out_dir / "token_lengths.png") if lengths else None
+    if lengths:
+        draw_histogram(lengths, max_tokens, out_dir / "token_lengths.png")
+    data.train_rows, data.eval_rows = stats["train"]["kept"], stats["eval"]["kept"]
+    data.token_lengths = stats
+    data.fingerprint = files_fingerprint(section, Path(data.train_path), Path(data.eval_path))
+    write_report(data)
+    log.info("data: token lengths p50/p90/p99/max %s; removed %s too short, %s too long",
+             stats["train_percentiles"], stats["train"]["removed_too_short"] + stats["eval"]["removed_too_short"],
+             stats["train"]["removed_too_long"] + stats["eval"]["removed_too_long"])
+    return data
+
+
+def _filter_file(path: Path, tokenizer, section: DataSection, max_tokens: int, split: str, too_long: list, lengths: list | None):
+    kept = short = long_ = truncated = 0
+    staged = path.with_name(f".{path.name}.filtering")
+    with path.open(encoding="utf-8") as src, staged.open("w", encoding="utf-8") as dst:
+        number = 0
+        while batch := [line for _, line in zip(range(BATCH), src)]:
+            rows = [json.loads(line) for line in batch]
+            for line, row, n in zip(batch, rows, token_lengths(tokenizer, rows), strict=True):
+                number += 1
+                if n < section.min_tokens:
+                    short += 1
+                    continue
+                if n > max_tokens:
+                    if section.overlong == "drop":
+                        long_ += 1
+                        too_long.append({"split": split, "row": number, "tokens": n, "reason": f"longer than max_tokens={max_tokens}"})
+                        continue
+                    truncated += 1
+                kept += 1
+                if lengths is not None:
+                    lengths.append(n)
+                dst.write(line)
+    os.replace(staged, path)
+    return kept, short, long_, truncated
+
+
+def percentiles(lengths: list[int]) -> dict[str, int]:
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+
+    def at(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": ordered[-1], "mean": round(sum(ordered) / len(ordered), 1)}
+
+
+def draw_histogram(lengths: list[int], max_tokens: int, path: Path) -> None:
+    """A PNG bar chart of training-row token lengths, with the max_tokens limit marked in red."""
+    from PIL import Image, ImageDraw
+
+    width, height, margin = 640, 320, 40
+    top = max(max(lengths), max_tokens)
+    bins = [0] * HISTOGRAM_BINS
+    for n in lengths:
+        bins[min(HISTOGRAM_BINS - 1, n * HISTOGRAM_BINS // (top + 1))] += 1
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    bar = (width - 2 * margin) / HISTOGRAM_BINS
+    for i, count in enumerate(bins):
+        h = (height - 2 * margin) * count / max(bins)
+        draw.rectangle([margin + i * bar + 1, height - margin - h, margin + (i + 1) * bar - 1, height - margin], fill=(70, 110, 180))
+    limit_x = margin + (width - 2 * margin) * max_tokens / (top + 1)
+    draw.line([limit_x, margin / 2, limit_x, height - margin], fill=(200, 40, 40), width=2)
+    draw.line([margin, height - margin, width - margin, height - margin], fill="black")
+    draw.text((margin, height - margin + 8), "0", fill="black")
+    draw.text((width - margin - 30, height - margin + 8), str(top), fill="black")
+    draw.text((margin, 8), f"token lengths of {len(lengths)} training rows (red: max_tokens={max_tokens})", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
