@@ -83,8 +83,8 @@ def summary(recipe: Recipe) -> str:
     lines = [
         f"recipe: {recipe.name} (valid)",
         f"model: {recipe.model.base}" + (f" @ {recipe.model.revision}" if recipe.model.revision else ""),
-        f"data: {len(d.sources)} source(s): " + ", ".join(s.path for s in d.sources),
-        "eval: " + (", ".join(s.path for s in d.eval_sources) if d.eval_sources else f"{d.eval_fraction:g} split (seed {d.seed})")
+        f"data: {len(d.sources)} source(s): " + ", ".join(s.name for s in d.sources),
+        "eval: " + (", ".join(s.name for s in d.eval_sources) if d.eval_sources else f"{d.eval_fraction:g} split (seed {d.seed})")
         + f", max {e.max_samples} samples",
         f"training: {t.method} {t.adapter} r={t.lora.r} alpha={t.lora.alpha} targets={t.lora.target_modules} backend={t.backend}",
         f"          {length} lr={t.learning_rate:g} batch={t.batch_size}x{t.gradient_accumulation_steps} "

@@ -64,6 +64,10 @@ def test_unknown_keys_are_errors_with_a_suggestion(raw, expected):
         ({"evaluation": {"gates": [{"metric": "exact_match", "min": 0.9, "max": 1}]}},
          "evaluation.gates.0: a gate needs exactly one of min, max, min_delta_vs_base, max_delta_vs_base (got min, max)"),
         ({"export": {"merged": False, "adapter": False}}, "export: merged and adapter are both false: nothing would be exported"),
+        ({"data": {"sources": [{"hub": "acme/x", "path": "x.jsonl"}]}}, "data.sources.0: a source needs exactly one of path or hub"),
+        ({"data": {"sources": [{"path": "x.jsonl", "weight": 0}]}}, "data.sources.0.weight: Input should be greater than 0 (got 0)"),
+        ({"data": {"pii": {"types": ["email", "ssn"]}}},
+         "data.pii.types.1: Input should be 'email', 'phone', 'credit_card', 'iban', 'ip_address' or 'secret' (got 'ssn')"),
     ],
 )
 def test_bad_values_name_the_field_and_the_problem(raw, expected):
@@ -147,6 +151,12 @@ def test_cli_validate_prints_a_summary():
     assert lines[0] == "recipe: quickstart (valid)"
     assert "training: sft lora r=8 alpha=32 targets=all-linear backend=auto" in lines
     assert len(lines) <= 24
+
+
+def test_cli_validate_names_hub_sources():
+    result = run_ftpipe("validate", "quickstart", "--set", "data.sources=[{hub: acme/tickets, revision: v1}]")
+    assert result.returncode == 0, result.stderr
+    assert "data: 1 source(s): hub:acme/tickets" in result.stdout.splitlines()
 
 
 def test_cli_validate_reports_each_error_and_exits_2():
