@@ -92,6 +92,8 @@ def prepare_data(section: DataSection, out_dir: str | Path, reuse: bool = True) 
         log.info("data: reusing prepared data in %s (cache key %s)", out_dir, key[:12])
         return cached
     out_dir.mkdir(parents=True, exist_ok=True)
+    # report.json marks the folder complete: remove it first, so a crash mid-way is never taken for finished data
+    (out_dir / "report.json").unlink(missing_ok=True)
     paths = {name: out_dir / f"{name}.jsonl" for name in ("train", "eval", "quarantine")}
     staged_train = out_dir / ".train.unchecked.jsonl"
     counts: list[SourceCounts] = []

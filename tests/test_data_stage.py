@@ -74,6 +74,20 @@ def test_unchanged_sources_and_recipe_reuse_the_prepared_data(mixed_lengths):
     assert not prepare_data(section, tmp_path / "out", reuse=False).reused
 
 
+def test_a_rebuild_that_dies_midway_is_not_reused(mixed_lengths, monkeypatch):
+    import data_prep.prepare as prepare_module
+
+    section, tmp_path = mixed_lengths
+    prepare_data(section, tmp_path / "out")
+    changed = section.model_copy(update={"seed": 9})
+    monkeypatch.setattr(prepare_module, "_check_contamination", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(changed, tmp_path / "out")
+    monkeypatch.undo()
+    assert not (tmp_path / "out" / "report.json").exists()
+    assert not prepare_data(section, tmp_path / "out").reused
+
+
 def test_credentials_come_from_a_prefect_secret_block(prefect_server, tmp_path):
     import fsspec
     from prefect.blocks.system import Secret
