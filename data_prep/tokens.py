@@ -74,7 +74,7 @@ def _filter_file(path: Path, tokenizer, section: DataSection, max_tokens: int, s
         number = 0
         while batch := [line for _, line in zip(range(BATCH), src)]:
             rows = [json.loads(line) for line in batch]
-            for line, row, n in zip(batch, rows, token_lengths(tokenizer, rows), strict=True):
+            for line, n in zip(batch, token_lengths(tokenizer, rows), strict=True):
                 number += 1
                 if n < section.min_tokens:
                     short += 1
