@@ -1,16 +1,12 @@
 """Exact and near-duplicate removal (datasketch MinHash LSH), and the train/eval contamination check."""
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 
 import numpy as np
 import xxhash
 
 from recipes.schema import ContaminationSection, DedupSection
-
-_WORD = re.compile(r"\w+")
-
 
 class Deduplicator:
     """Remembers what it has kept; says why a new row is a duplicate (or None when it is new)."""
@@ -41,14 +37,6 @@ class Deduplicator:
         return None
 
 
-def ngram_hashes(text: str, n: int) -> set[tuple[str, ...]]:
-    """Word n-grams as tuples: Python hashes them in C, and the index lives in this one process."""
-    words = _WORD.findall(text.lower())
-    if len(words) < n:
-        return {tuple(words)} if words else set()
-    return set(zip(*(words[i:] for i in range(n))))
-
-
 def eval_prompt_text(row: dict) -> str:
     """What a model is asked in an eval row: user turns (and system), not the reference answer."""
     if "text" in row:
@@ -58,33 +46,54 @@ def eval_prompt_text(row: dict) -> str:
 
 
 class ContaminationIndex:
-    """Word n-grams of the eval prompts; finds training rows that contain most of one eval prompt."""
+    """Sampled word n-gram hashes of the eval prompts; finds training rows holding most of one eval prompt.
+
+    Training rows come as the same kind of hash arrays (computed in the workers), checked a batch at a time
+    with numpy; only rows that share a gram with some eval prompt are looked at one by one."""
 
     def __init__(self, section: ContaminationSection):
-        self.section = section
-        self._postings: dict[tuple[str, ...], list[int]] = defaultdict(list)
-        self._sizes: list[int] = []
+        from data_prep.rows import Sketcher
 
-    def add_eval_row(self, row: dict) -> None:
-        if len(self._sizes) >= self.section.max_eval_rows:
-            return
-        grams = ngram_hashes(eval_prompt_text(row), self.section.ngram)
-        index = len(self._sizes)
-        self._sizes.append(len(grams))
-        for gram in grams:
-            self._postings[gram].append(index)
+        self.section = section
+        self.sketcher = Sketcher(num_perm=None, ngram=section.ngram)
+        self._postings: dict[int, list[int]] = defaultdict(list)
+        self._sizes: list[int] = []
+        self._all = np.zeros(0, dtype=np.uint32)
+
+    def add_eval_rows(self, rows: list[dict]) -> None:
+        rows = rows[: self.section.max_eval_rows - len(self._sizes)]
+        _, grams = self.sketcher.sketch([[eval_prompt_text(row)] for row in rows])
+        for values in grams:
+            index = len(self._sizes)
+            self._sizes.append(len(values))
+            for value in values.tolist():
+                self._postings[value].append(index)
+        self._all = np.sort(np.fromiter(self._postings.keys(), dtype=np.uint32, count=len(self._postings)))
+
+    def _known(self, values: np.ndarray) -> np.ndarray:
+        """Which values are eval grams: a binary search in the sorted array (np.isin would rehash it per call)."""
+        positions = np.minimum(np.searchsorted(self._all, values), len(self._all) - 1)
+        return self._all[positions] == values
 
     @property
     def indexed(self) -> int:
         return len(self._sizes)
 
-    def overlaps(self, text: str) -> list[tuple[int, float]]:
-        """(eval row index, share of its n-grams found in text) for every eval row at or above min_overlap."""
-        grams = ngram_hashes(text, self.section.ngram)
-        if self._postings.keys().isdisjoint(grams):  # the common case, decided in C
-            return []
-        hits: Counter[int] = Counter()
-        for gram in grams:
-            for index in self._postings.get(gram, ()):
-                hits[index] += 1
-        return [(i, round(c / self._sizes[i], 4)) for i, c in hits.items() if self._sizes[i] and c / self._sizes[i] >= self.section.min_overlap]
+    def overlaps(self, batch: list[np.ndarray]) -> list[list[tuple[int, float]]]:
+        """For each training row's gram array: (eval row index, share of its grams found) at or above min_overlap."""
+        result: list[list[tuple[int, float]]] = [[] for _ in batch]
+        if not batch or not len(self._all):
+            return result
+        sizes = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
+        flat = np.concatenate(batch) if sizes.sum() else np.zeros(0, dtype=np.uint32)
+        hit = self._known(flat)
+        if not hit.any():
+            return result
+        row_of = np.repeat(np.arange(len(batch)), sizes)
+        for row in np.unique(row_of[hit]).tolist():
+            counts: Counter[int] = Counter()
+            for value in batch[row][self._known(batch[row])].tolist():
+                counts.update(self._postings[value])
+            result[row] = [(i, round(c / self._sizes[i], 4)) for i, c in counts.items()
+                           if self._sizes[i] and c / self._sizes[i] >= self.section.min_overlap]
+        return result

@@ -77,9 +77,16 @@ def kind_of(row: dict) -> str:
     return "chat" if "messages" in row else "text" if "text" in row else "preference"
 
 
+_NEEDS_WHITESPACE_WORK = re.compile(r"[\t\f\v\r\u00a0]|  | \n|\n\n\n")
+
+
 def normalise_text(value: str) -> str:
     """NFC, one space for runs of spaces/tabs, no trailing spaces on lines, at most one blank line, trimmed."""
-    value = unicodedata.normalize("NFC", value).replace("\r\n", "\n").replace("\r", "\n")
+    if not unicodedata.is_normalized("NFC", value):
+        value = unicodedata.normalize("NFC", value)
+    if not _NEEDS_WHITESPACE_WORK.search(value):  # most text: nothing to collapse
+        return value.strip()
+    value = value.replace("\r\n", "\n").replace("\r", "\n")
     value = _SPACES.sub(" ", value)
     value = _TRAILING.sub("\n", value)
     return _BLANK_LINES.sub("\n\n", value).strip()

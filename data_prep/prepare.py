@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import xxhash
 
 from data_prep.dedup import ContaminationIndex, Deduplicator
@@ -96,11 +97,12 @@ def prepare_data(section: DataSection, out_dir: str | Path, reuse: bool = True) 
     (out_dir / "report.json").unlink(missing_ok=True)
     paths = {name: out_dir / f"{name}.jsonl" for name in ("train", "eval", "quarantine")}
     staged_train = out_dir / ".train.unchecked.jsonl"
+    staged_grams = out_dir / ".train.grams.bin"  # each staged training row's n-gram hashes, in the same order
     counts: list[SourceCounts] = []
     kinds: Counter[str] = Counter()
-    with _Processor(section) as processor, paths["eval"].open("w", encoding="utf-8") as eval_out, \
-            staged_train.open("w", encoding="utf-8") as train_out, paths["quarantine"].open("w", encoding="utf-8") as quarantine:
-        writer = _SplitWriter(section, train_out, eval_out, quarantine, kinds)
+    with _Processor(section) as processor, paths["eval"].open("wb") as eval_out, staged_train.open("wb") as train_out, \
+            paths["quarantine"].open("wb") as quarantine, staged_grams.open("wb") as grams_out:
+        writer = _SplitWriter(section, train_out, eval_out, quarantine, kinds, grams_out)
         if section.eval_sources:
             eval_dedup = Deduplicator(section.dedup)
             for source in section.eval_sources:
@@ -110,7 +112,7 @@ def prepare_data(section: DataSection, out_dir: str | Path, reuse: bool = True) 
         for source in section.sources:
             counts.append(writer.consume(source, role, processor.run(source), train_dedup))
     _check_invalid_fraction(counts, section.max_invalid_fraction, paths["quarantine"])
-    contamination = _check_contamination(section, paths["eval"], staged_train, paths["train"])
+    contamination = _check_contamination(section, paths["eval"], staged_train, staged_grams, paths["train"])
     train_rows, eval_rows = _count_lines(paths["train"]), _count_lines(paths["eval"])
     if not train_rows:
         raise DataError(f"no training rows left after validation, cleaning and split; see {paths['quarantine']} and the report")
@@ -156,14 +158,15 @@ class _Processor:
         self.section = section
         self.pii_types = list(section.pii.types) if section.pii.redact else []
         self.num_perm = section.dedup.num_perm if section.dedup.near else None
+        self.ngram = section.contamination.ngram if section.contamination.check else None
         self.pool = None
 
     def __enter__(self) -> "_Processor":
         if self.section.workers > 1:
             context = multiprocessing.get_context("spawn")  # no fork: the parent may hold torch threads
-            self.pool = context.Pool(self.section.workers, initializer=init_worker, initargs=(self.pii_types, self.num_perm))
+            self.pool = context.Pool(self.section.workers, initializer=init_worker, initargs=(self.pii_types, self.num_perm, self.ngram))
         else:
-            self.local = RowProcessor(self.pii_types, self.num_perm)
+            self.local = RowProcessor(self.pii_types, self.num_perm, self.ngram)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -197,9 +200,9 @@ def _chunks(rows: Iterable[RawRow], size: int) -> Iterator[list[RawRow]]:
 class _SplitWriter:
     """Decides each processed row's fate and writes it: quarantine, duplicate, train (with weight) or eval."""
 
-    def __init__(self, section: DataSection, train_out, eval_out, quarantine, kinds: Counter):
+    def __init__(self, section: DataSection, train_out, eval_out, quarantine, kinds: Counter, grams_out):
         self.section = section
-        self.train_out, self.eval_out, self.quarantine = train_out, eval_out, quarantine
+        self.train_out, self.eval_out, self.quarantine, self.grams_out = train_out, eval_out, quarantine, grams_out
         self.kinds = kinds
 
     def consume(self, source: DataSource, role: str, rows: Iterator[Processed], dedup: Deduplicator) -> SourceCounts:
@@ -212,7 +215,7 @@ class _SplitWriter:
             if item.reason is not None:
                 count.quarantined += 1
                 self.quarantine.write(json.dumps({"source": item.source, "row": item.row, "reason": item.reason,
-                                                  "record": item.record_preview}, ensure_ascii=False) + "\n")
+                                                  "record": item.record_preview}, ensure_ascii=False).encode() + b"\n")
                 continue
             duplicate = dedup.check(item.key, item.signature)
             if duplicate:
@@ -232,12 +235,15 @@ class _SplitWriter:
         return count
 
     def _write(self, item: Processed, role: str, weight: float) -> int:
-        line = item.canonical + "\n"
+        line = item.line
         if role == "eval" or (role == "train+eval" and held_out(item.key, self.section.eval_fraction, self.section.seed)):
             self.eval_out.write(line)
             return 1
         copies = int(weight) + (1 if self._unit(item.key, "weight") < weight - int(weight) else 0)
         self.train_out.write(line * copies)
+        if item.grams is not None:
+            record = np.uint32(len(item.grams)).tobytes() + item.grams.astype(np.uint32).tobytes()
+            self.grams_out.write(record * copies)
         return copies
 
     def _unit(self, key: int, purpose: str) -> float:
@@ -264,30 +270,31 @@ def _check_invalid_fraction(counts: list[SourceCounts], limit: float, quarantine
         raise DataError(f"{empty[0]}: source has no rows")
 
 
-def _check_contamination(section: DataSection, eval_path: Path, staged_train: Path, train_path: Path) -> dict:
+def _check_contamination(section: DataSection, eval_path: Path, staged_train: Path, staged_grams: Path, train_path: Path) -> dict:
     """Compare every training row with the eval prompts; report overlapping pairs, drop them if asked."""
     config = section.contamination
     if not config.check:
         os.replace(staged_train, train_path)
+        staged_grams.unlink(missing_ok=True)
         return {"checked": False}
     index = ContaminationIndex(config)
     with eval_path.open(encoding="utf-8") as f:
-        for line in f:
-            index.add_eval_row(json.loads(line))
-    from data_prep.formats import row_texts
-
+        index.add_eval_rows([json.loads(line) for line in islice(f, config.max_eval_rows)])
     pairs, contaminated_rows, eval_hit = [], 0, set()
-    with staged_train.open(encoding="utf-8") as src, train_path.open("w", encoding="utf-8") as dst:
-        for number, line in enumerate(src, start=1):
-            hits = index.overlaps("\n".join(row_texts(json.loads(line))))
-            if hits:
-                contaminated_rows += 1
-                eval_hit.update(i for i, _ in hits)
-                pairs.extend({"train_row": number, "eval_row": i + 1, "overlap": share} for i, share in hits[: MAX_LISTED_PAIRS - len(pairs)])
-                if config.remove:
-                    continue
-            dst.write(line)
+    with staged_train.open("rb") as src, staged_grams.open("rb") as grams, train_path.open("wb") as dst:
+        number = 0
+        while lines := list(islice(src, CHUNK_ROWS)):
+            for line, hits in zip(lines, index.overlaps([_read_grams(grams) for _ in lines]), strict=True):
+                number += 1
+                if hits:
+                    contaminated_rows += 1
+                    eval_hit.update(i for i, _ in hits)
+                    pairs.extend({"train_row": number, "eval_row": i + 1, "overlap": share} for i, share in hits[: MAX_LISTED_PAIRS - len(pairs)])
+                    if config.remove:
+                        continue
+                dst.write(line)
     staged_train.unlink()
+    staged_grams.unlink()
     result = {"checked": True, "ngram": config.ngram, "min_overlap": config.min_overlap, "eval_rows_indexed": index.indexed,
               "contaminated_train_rows": contaminated_rows, "eval_rows_hit": len(eval_hit), "removed": contaminated_rows if config.remove else 0,
               "pairs": pairs, "pairs_listed": len(pairs)}
@@ -295,6 +302,11 @@ def _check_contamination(section: DataSection, eval_path: Path, staged_train: Pa
         log.warning("data: %d training rows share >= %.0f%% of an eval prompt's %d-grams (%d eval rows hit)%s",
                     contaminated_rows, 100 * config.min_overlap, config.ngram, len(eval_hit), "; removed" if config.remove else "")
     return result
+
+
+def _read_grams(f) -> np.ndarray:
+    (count,) = np.frombuffer(f.read(4), dtype=np.uint32)
+    return np.frombuffer(f.read(4 * int(count)), dtype=np.uint32)
 
 
 def _count_lines(path: Path) -> int:

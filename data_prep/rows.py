@@ -36,58 +36,97 @@ class Processed:
     row: int
     reason: str | None = None  # quarantine reason
     record_preview: str | None = None
-    canonical: str | None = None  # JSON line of the canonical row
+    line: bytes | None = None  # the canonical row as a UTF-8 JSON line, newline included
     kind: str | None = None
     fmt: str | None = None
     key: int = 0  # exact-duplicate key
     signature: np.ndarray | None = None  # MinHash values
+    grams: np.ndarray | None = None  # sampled word n-gram hashes, for the contamination check
     pii: Counter = field(default_factory=Counter)
 
 
-class MinHasher:
-    """MinHash signatures of word 3-grams, for datasketch's MinHashLSH.
+class _WordHashes(dict):
+    """xxh32 of each word, computed once per worker and looked up from C through map()."""
 
-    Each word is hashed once (xxh32); a 3-gram's hash combines its words' hashes, and the num_perm hash
-    functions are multiply-add maps modulo 2^32 (odd multipliers). All of it runs in numpy over a whole
-    chunk of rows at once, which keeps the per-row cost near the cost of reading the words."""
+    LIMIT = 2_000_000
 
-    def __init__(self, num_perm: int, seed: int = 1):
+    def __missing__(self, word: str) -> int:
+        if len(self) >= self.LIMIT:
+            self.clear()
+        value = self[word] = xxhash.xxh32_intdigest(word.encode())
+        return value
+
+
+GRAM_SAMPLE_MASK = 3  # keep n-grams whose hash & 3 == 0: the same quarter on both sides of a comparison
+
+
+class Sketcher:
+    """Per-row sketches computed in numpy over a whole chunk of rows from one pass of word hashing:
+    - MinHash signatures of word 3-grams for datasketch's MinHashLSH (num_perm multiply-add maps mod 2^32);
+    - sampled word n-gram hashes (uint32) for the contamination check.
+    """
+
+    def __init__(self, num_perm: int | None, ngram: int | None, seed: int = 1):
         rng = np.random.default_rng(seed)
-        self.a = (rng.integers(0, 2**32, num_perm, dtype=np.uint64) | 1).astype(np.uint32)
-        self.b = rng.integers(0, 2**32, num_perm, dtype=np.uint64).astype(np.uint32)
+        self.num_perm, self.ngram = num_perm, ngram
+        if num_perm:
+            self.a = (rng.integers(0, 2**32, num_perm, dtype=np.uint64) | 1).astype(np.uint32)
+            self.b = rng.integers(0, 2**32, num_perm, dtype=np.uint64).astype(np.uint32)
+        self._words = _WordHashes()
 
-    def signatures(self, rows_texts: list[list[str]]) -> list[np.ndarray]:
+    def sketch(self, rows_texts: list[list[str]]) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
         if not rows_texts:
-            return []
-        word_hashes, starts, lengths = [], [], []
-        for texts in rows_texts:
-            words = " ".join(texts).lower().split() or [""]
-            starts.append(len(word_hashes))
-            lengths.append(len(words))
-            word_hashes.extend(xxhash.xxh32_intdigest(w.encode()) for w in words)
-        w = np.asarray(word_hashes, dtype=np.uint32)
-        # 3-gram hash at each word position: mixes the word and the next two (wrapping at a row's end is harmless)
+            return [], []
+        words = [" ".join(texts).lower().split() or [""] for texts in rows_texts]
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        w = np.fromiter(map(self._words.__getitem__, (x for row in words for x in row)), dtype=np.uint32, count=int(lengths.sum()))
+        signatures = self._signatures(w, starts, lengths) if self.num_perm else [None] * len(words)
+        grams = self._grams(w, starts, lengths) if self.ngram else [None] * len(words)
+        return signatures, grams
+
+    def _signatures(self, w: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+        # 3-gram hash at each word position, mixing the word and the next two
         grams = w * np.uint32(0x9E3779B1) ^ np.roll(w, -1) * np.uint32(0x85EBCA77) ^ np.roll(w, -2) * np.uint32(0xC2B2AE3D)
+        per_row = np.maximum(lengths - 2, 1)
         keep = np.ones(len(w), dtype=bool)
-        for start, length in zip(starts, lengths, strict=True):  # drop 3-grams that would run into the next row
-            keep[start + max(length - 2, 1) : start + length] = False
-        row_of = np.repeat(np.arange(len(starts)), [max(n - 2, 1) for n in lengths])
+        for start, length, count in zip(starts, lengths, per_row, strict=True):  # 3-grams must not run into the next row
+            keep[start + count : start + length] = False
         permuted = grams[keep][:, None] * self.a[None, :] + self.b[None, :]
-        firsts = np.searchsorted(row_of, np.arange(len(starts)))
+        firsts = np.concatenate(([0], np.cumsum(per_row)[:-1]))
         return list(np.minimum.reduceat(permuted, firsts, axis=0).astype(np.uint64))
+
+    def _grams(self, w: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+        n = self.ngram
+        rolled = np.zeros(len(w), dtype=np.uint32)
+        for k in range(n):
+            rolled = rolled * np.uint32(0x01000193) + np.roll(w, -k)
+        rolled ^= rolled >> np.uint32(15)
+        out = []
+        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+            if length < n:  # a short row is one n-gram of all its words, always kept
+                value = 0
+                for k in range(length):
+                    value = (value * 0x01000193 + int(w[start + k])) & 0xFFFFFFFF
+                out.append(np.array([value ^ (value >> 15)], dtype=np.uint32))
+                continue
+            segment = rolled[start : start + length - n + 1]
+            out.append(np.unique(segment[(segment & GRAM_SAMPLE_MASK) == 0]))
+        return out
 
 
 class RowProcessor:
-    def __init__(self, pii_types: list[str], num_perm: int | None):
+    def __init__(self, pii_types: list[str], num_perm: int | None, ngram: int | None):
         self.redactor = Redactor(pii_types)
-        self.hasher = MinHasher(num_perm) if num_perm else None
+        self.sketcher = Sketcher(num_perm, ngram) if (num_perm or ngram) else None
 
     def chunk(self, rows: list[RawRow], settings: RowSettings) -> list[Processed]:
         results = [self.row(raw, settings) for raw in rows]
-        if self.hasher is not None:
+        if self.sketcher is not None:
             kept = [(item, row) for item, row in results if row is not None]
-            for (item, _), signature in zip(kept, self.hasher.signatures([row_texts(row) for _, row in kept]), strict=True):
-                item.signature = signature
+            signatures, grams = self.sketcher.sketch([row_texts(row) for _, row in kept])
+            for (item, _), signature, gram in zip(kept, signatures, grams, strict=True):
+                item.signature, item.grams = signature, gram
         return [item for item, _ in results]
 
     def row(self, raw: RawRow, settings: RowSettings) -> tuple[Processed, dict | None]:
@@ -112,8 +151,9 @@ class RowProcessor:
             return out, None
         row = map_texts(row, lambda text: self.redactor.redact(text, out.pii))
         out.kind = kind_of(row)
-        out.canonical = json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-        out.key = xxhash.xxh3_64_intdigest(out.canonical.encode())
+        canonical = json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
+        out.key = xxhash.xxh3_64_intdigest(canonical)
+        out.line = canonical + b"\n"
         return out, row
 
 
@@ -143,9 +183,9 @@ def _preview(record) -> str | None:
 _PROCESSOR: RowProcessor | None = None
 
 
-def init_worker(pii_types: list[str], num_perm: int | None) -> None:
+def init_worker(pii_types: list[str], num_perm: int | None, ngram: int | None) -> None:
     global _PROCESSOR
-    _PROCESSOR = RowProcessor(pii_types, num_perm)
+    _PROCESSOR = RowProcessor(pii_types, num_perm, ngram)
 
 
 def process_chunk(chunk: tuple[list[RawRow], RowSettings]) -> list[Processed]:
