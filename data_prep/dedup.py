@@ -20,7 +20,7 @@ class Deduplicator:
         self._lsh = MinHashLSH(threshold=section.threshold, num_perm=section.num_perm, hashfunc=xxhash.xxh3_64_digest) if section.near else None
         self._next_id = 0
 
-    def check(self, key: int, signature: np.ndarray | None) -> str | None:
+    def check(self, key: int, signature: bytes | None) -> str | None:
         if self.section.exact:
             if key in self._seen:
                 return "exact_duplicate"
@@ -29,7 +29,7 @@ class Deduplicator:
             from datasketch import LeanMinHash
 
             # LeanMinHash: a frozen sketch built from our values without generating permutations again
-            minhash = LeanMinHash(seed=1, hashvalues=signature, scheme="affine32")
+            minhash = LeanMinHash(seed=1, hashvalues=np.frombuffer(signature, dtype=np.uint64), scheme="affine32")
             if self._lsh.query(minhash):
                 return "near_duplicate"
             self._lsh.insert(self._next_id, minhash, check_duplication=False)

@@ -242,8 +242,7 @@ class _SplitWriter:
         copies = int(weight) + (1 if self._unit(item.key, "weight") < weight - int(weight) else 0)
         self.train_out.write(line * copies)
         if item.grams is not None:
-            record = np.uint32(len(item.grams)).tobytes() + item.grams.astype(np.uint32).tobytes()
-            self.grams_out.write(record * copies)
+            self.grams_out.write((np.uint32(len(item.grams) // 4).tobytes() + item.grams) * copies)
         return copies
 
     def _unit(self, key: int, purpose: str) -> float:

@@ -30,8 +30,10 @@ class RowSettings:
     max_row_chars: int
 
 
-@dataclass
+@dataclass(slots=True)
 class Processed:
+    """One row's outcome, sent back from a worker: arrays travel as bytes, which pickle cheaply."""
+
     source: str
     row: int
     reason: str | None = None  # quarantine reason
@@ -40,8 +42,8 @@ class Processed:
     kind: str | None = None
     fmt: str | None = None
     key: int = 0  # exact-duplicate key
-    signature: np.ndarray | None = None  # MinHash values
-    grams: np.ndarray | None = None  # sampled word n-gram hashes, for the contamination check
+    signature: bytes | None = None  # MinHash values (uint64)
+    grams: bytes | None = None  # sampled word n-gram hashes (uint32), for the contamination check
     pii: Counter = field(default_factory=Counter)
 
 
@@ -126,7 +128,8 @@ class RowProcessor:
             kept = [(item, row) for item, row in results if row is not None]
             signatures, grams = self.sketcher.sketch([row_texts(row) for _, row in kept])
             for (item, _), signature, gram in zip(kept, signatures, grams, strict=True):
-                item.signature, item.grams = signature, gram
+                item.signature = None if signature is None else signature.tobytes()
+                item.grams = None if gram is None else gram.astype(np.uint32).tobytes()
         return [item for item, _ in results]
 
     def row(self, raw: RawRow, settings: RowSettings) -> tuple[Processed, dict | None]:
