@@ -46,7 +46,7 @@ def eval_prompt_text(row: dict) -> str:
 
 
 class ContaminationIndex:
-    """Sampled word n-gram hashes of the eval prompts; finds training rows holding most of one eval prompt.
+    """Word n-gram hashes of the eval prompts; finds training rows holding most of one eval prompt.
 
     Training rows come as the same kind of hash arrays (computed in the workers), checked a batch at a time
     with numpy; only rows that share a gram with some eval prompt are looked at one by one."""

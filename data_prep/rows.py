@@ -43,7 +43,7 @@ class Processed:
     fmt: str | None = None
     key: int = 0  # exact-duplicate key
     signature: bytes | None = None  # MinHash values (uint64)
-    grams: bytes | None = None  # sampled word n-gram hashes (uint32), for the contamination check
+    grams: bytes | None = None  # word n-gram hashes (uint32), for the contamination check
     pii: Counter = field(default_factory=Counter)
 
 
@@ -59,13 +59,10 @@ class _WordHashes(dict):
         return value
 
 
-GRAM_SAMPLE_MASK = 3  # keep n-grams whose hash & 3 == 0: the same quarter on both sides of a comparison
-
-
 class Sketcher:
     """Per-row sketches computed in numpy over a whole chunk of rows from one pass of word hashing:
     - MinHash signatures of word 3-grams for datasketch's MinHashLSH (num_perm multiply-add maps mod 2^32);
-    - sampled word n-gram hashes (uint32) for the contamination check.
+    - word n-gram hashes (uint32) for the contamination check.
     """
 
     def __init__(self, num_perm: int | None, ngram: int | None, seed: int = 1):
@@ -106,14 +103,13 @@ class Sketcher:
         rolled ^= rolled >> np.uint32(15)
         out = []
         for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-            if length < n:  # a short row is one n-gram of all its words, always kept
+            if length < n:  # a short row is one n-gram of all its words
                 value = 0
                 for k in range(length):
                     value = (value * 0x01000193 + int(w[start + k])) & 0xFFFFFFFF
                 out.append(np.array([value ^ (value >> 15)], dtype=np.uint32))
                 continue
-            segment = rolled[start : start + length - n + 1]
-            out.append(np.unique(segment[(segment & GRAM_SAMPLE_MASK) == 0]))
+            out.append(np.unique(rolled[start : start + length - n + 1]))
         return out
 
 

@@ -34,13 +34,9 @@ def data_report_markdown(data: PreparedData) -> str:
 
 Row kinds: {', '.join(f'{k}: {v}' for k, v in data.kinds.items())}. Quarantine: `{data.quarantine_path}`.
 
-**Token lengths** (training rows, model tokenizer and chat template): {token_line}; limit {tokens.get('max_tokens')}
-({tokens.get('overlong')}). Removed train/eval: too short {removed_tokens['train'].get('removed_too_short', 0)}/{removed_tokens['eval'].get('removed_too_short', 0)},
-too long {removed_tokens['train'].get('removed_too_long', 0)}/{removed_tokens['eval'].get('removed_too_long', 0)}.
+**Token lengths** (training rows, model tokenizer and chat template): {token_line}; limit {tokens.get('max_tokens')} ({tokens.get('overlong')}). Removed train/eval: too short {removed_tokens['train'].get('removed_too_short', 0)}/{removed_tokens['eval'].get('removed_too_short', 0)}, too long {removed_tokens['train'].get('removed_too_long', 0)}/{removed_tokens['eval'].get('removed_too_long', 0)}.
 {image}
-**Contamination** ({contamination.get('ngram', '-')}-grams, overlap >= {contamination.get('min_overlap', '-')}):
-{contamination.get('contaminated_train_rows', 0)} training rows overlap {contamination.get('eval_rows_hit', 0)} eval prompts;
-removed {contamination.get('removed', 0)}.
+**Contamination** ({contamination.get('ngram', '-')}-grams, overlap >= {contamination.get('min_overlap', '-')}): {contamination.get('contaminated_train_rows', 0)} training rows overlap {contamination.get('eval_rows_hit', 0)} eval prompts; removed {contamination.get('removed', 0)}.
 
 Fingerprint `{data.fingerprint}`
 """

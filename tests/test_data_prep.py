@@ -343,6 +343,20 @@ def test_contamination_is_reported_and_removed_on_request(tmp_path):
     assert removed.train_rows == 50 - report["contaminated_train_rows"]
 
 
+def test_contamination_share_is_measured_per_n_gram(tmp_path):
+    """An eval prompt of 20 words has 13 8-grams: a training row holding 8 of its words shares 1 of them (not
+    contamination), one holding 15 contiguous words shares 8 of 13 (contamination at min_overlap 0.5)."""
+    prompt = prose(7, 20).split()
+    partial = {"messages": user_assistant(" ".join(prompt[:8] + prose(8, 20).split()), "a")}
+    most = {"messages": user_assistant(" ".join(prompt[:15] + prose(9, 5).split()), "b")}
+    train = [{"messages": user_assistant(prose(100 + i), "x")} for i in range(30)] + [partial, most]
+    section = DataSection(sources=[DataSource(path=str(write_jsonl(tmp_path / "t.jsonl", train)))],
+                          eval_sources=[DataSource(path=str(write_jsonl(tmp_path / "e.jsonl", [{"messages": user_assistant(" ".join(prompt), "y")}])))],
+                          workers=1, dedup={"near": False})
+    report = prepare_data(section, tmp_path / "out").contamination
+    assert report["pairs"] == [{"train_row": 32, "eval_row": 1, "overlap": round(8 / 13, 4)}]
+
+
 def test_split_is_deterministic_and_independent_of_row_order():
     rows = read_rows(SAMPLE_TRAIN, 500)
     train, held = split_rows(rows, 0.1, seed=3)
