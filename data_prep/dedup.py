@@ -8,13 +8,16 @@ import xxhash
 
 from recipes.schema import ContaminationSection, DedupSection
 
+
 class Deduplicator:
     """Remembers what it has kept; says why a new row is a duplicate (or None when it is new)."""
 
     def __init__(self, section: DedupSection):
-        from datasketch import MinHashLSH
+        from datasketch import LeanMinHash, MinHashLSH
 
         self.section = section
+        # LeanMinHash: a frozen sketch built from our values without generating permutations again
+        self._lean = LeanMinHash
         self._seen: set[int] = set()
         # bands are stored as 8-byte digests rather than raw slices of the signature: a fraction of the memory
         self._lsh = MinHashLSH(threshold=section.threshold, num_perm=section.num_perm, hashfunc=xxhash.xxh3_64_digest) if section.near else None
@@ -26,10 +29,7 @@ class Deduplicator:
                 return "exact_duplicate"
             self._seen.add(key)
         if self._lsh is not None and signature is not None:
-            from datasketch import LeanMinHash
-
-            # LeanMinHash: a frozen sketch built from our values without generating permutations again
-            minhash = LeanMinHash(seed=1, hashvalues=np.frombuffer(signature, dtype=np.uint64), scheme="affine32")
+            minhash = self._lean(seed=1, hashvalues=np.frombuffer(signature, dtype=np.uint64), scheme="affine32")
             if self._lsh.query(minhash):
                 return "near_duplicate"
             self._lsh.insert(self._next_id, minhash, check_duplication=False)
@@ -89,10 +89,13 @@ class ContaminationIndex:
         hit = self._known(flat)
         if not hit.any():
             return result
-        row_of = np.repeat(np.arange(len(batch)), sizes)
-        for row in np.unique(row_of[hit]).tolist():
+        starts = np.cumsum(sizes) - sizes
+        # rows with at least one known gram (reduceat reads one element for an empty segment, hence the guard)
+        any_hit = (np.add.reduceat(hit, np.minimum(starts, len(hit) - 1)) > 0) & (sizes > 0)
+        for row in np.flatnonzero(any_hit).tolist():
+            segment = slice(starts[row], starts[row] + sizes[row])
             counts: Counter[int] = Counter()
-            for value in batch[row][self._known(batch[row])].tolist():
+            for value in flat[segment][hit[segment]].tolist():
                 counts.update(self._postings[value])
             result[row] = [(i, round(c / self._sizes[i], 4)) for i, c in counts.items()
                            if self._sizes[i] and c / self._sizes[i] >= self.section.min_overlap]

@@ -125,18 +125,16 @@ class RowProcessor:
             signatures, grams = self.sketcher.sketch([row_texts(row) for _, row in kept])
             for (item, _), signature, gram in zip(kept, signatures, grams, strict=True):
                 item.signature = None if signature is None else signature.tobytes()
-                item.grams = None if gram is None else gram.astype(np.uint32).tobytes()
+                item.grams = None if gram is None else gram.tobytes()
         return [item for item, _ in results]
 
     def row(self, raw: RawRow, settings: RowSettings) -> tuple[Processed, dict | None]:
         """The processed row, and its canonical form (None when quarantined)."""
+        # a JSONL line has at least as many bytes as characters, so only long lines need counting
+        needs_size_check = raw.line is None or len(raw.line) > settings.max_row_chars
         if raw.line is not None:
-            if len(raw.line) > settings.max_row_chars:  # bytes >= characters, so only long lines need counting
-                raw = parse_jsonl_line(raw.source, raw.row, raw.line)
-                raw = RawRow(raw.source, raw.row, raw.record, raw.error or _size_error(raw.record, settings.max_row_chars))
-            else:
-                raw = parse_jsonl_line(raw.source, raw.row, raw.line)
-        elif raw.error is None:
+            raw = parse_jsonl_line(raw.source, raw.row, raw.line)
+        if needs_size_check and raw.error is None:
             raw = RawRow(raw.source, raw.row, raw.record, _size_error(raw.record, settings.max_row_chars))
         out = Processed(raw.source, raw.row)
         try:

@@ -68,7 +68,6 @@ def _remote_rows(url: str, options: dict) -> Iterator[RawRow]:
         fs, fs_path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as exc:
         raise DataError(f"{url}: no filesystem for this URL ({exc}); install the fsspec backend (s3fs, gcsfs, adlfs)") from None
-    protocol = url.split("://", 1)[0]
     try:
         if any(c in fs_path for c in GLOB_CHARS):
             paths = sorted(fs.glob(fs_path))
@@ -81,7 +80,7 @@ def _remote_rows(url: str, options: dict) -> Iterator[RawRow]:
         else:
             paths = [fs_path]
         for path in paths:
-            name = path if "://" in path else f"{protocol}://{path.lstrip('/')}" if protocol != "memory" else f"memory://{path}"
+            name = fs.unstrip_protocol(path)
             size = fs.size(path)
             yield from read_stream(name, lambda path=path: fs.open(path, "rb"), size)
     except FileNotFoundError:

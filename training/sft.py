@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recipes.schema import TrainingSection
+from data_prep.formats import kind_of
 from data_prep.readers import DataError
 from training.tokenize import IGNORE, Encoded, MaskingError, check_end_of_turn_trained, check_trained_fraction, encode_chat
 
@@ -32,8 +33,7 @@ def tokenize_rows(tokenizer, rows: list[dict], training: TrainingSection, run_di
     trained = total = truncated = 0
     for number, row in enumerate(rows, start=1):
         if "messages" not in row:
-            kind = "text" if "text" in row else "preference"
-            raise DataError(f"train.jsonl row {number} is a {kind} row; training.method=sft trains on chat rows "
+            raise DataError(f"train.jsonl row {number} is a {kind_of(row)} row; training.method=sft trains on chat rows "
                             "(conversations, instruction or prompt/completion data)")
         encoded = encode_chat(tokenizer, row["messages"])
         if len(encoded.input_ids) > training.max_seq_length and overlong == "truncate":
