@@ -1,18 +1,22 @@
 """Data-stage benchmark: throughput, peak memory and recall on planted problems, against plain datasets.map.
 
-    python bench/data_prep.py [--rows 200000] [--workers 2]
+    python bench/data_prep.py [--rows 200000] [--workers 2] [--no-baseline] [--keep]
 
 Generates N synthetic chat rows with exact duplicates, near-duplicates, PII and bad rows planted at known
-rates, prepares them with ftpipe's data stage, checks that every planted item was caught, and compares
-the stage's rows/s with a baseline of `datasets` loading the same (well-formed) rows and running `map` with
-only text normalisation. Prints the ratio last.
+rates, prepares them with ftpipe's data stage (in a child process, so its peak RSS is the stage's own),
+checks that every planted item was caught, and compares the stage's rows/s with a baseline of `datasets`
+loading the same (well-formed) rows and running `map` with only text normalisation. Prints the ratio last.
+Everything after generation streams, so `--rows 13500000` (a 5 GB file) measures the stage's memory at scale.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -54,12 +58,12 @@ def sentence(r: random.Random, n: int) -> str:
     return " ".join(r.choice(WORDS) for _ in range(n))
 
 
-def generate(path: Path, clean_path: Path, n: int, seed: int = 0) -> dict:
-    """Write n rows; return what was planted (by row id and line number)."""
+def generate(path: Path, clean_path: Path | None, n: int, seed: int = 0) -> dict:
+    """Write n rows (and the well-formed ones again to clean_path, for the baseline); return what was planted."""
     r = random.Random(seed)
     planted = {"exact": [], "near": [], "bad_lines": [], "pii": []}
     originals: list[tuple[str, str, str]] = []
-    with path.open("w") as out, clean_path.open("w") as clean:
+    with path.open("w") as out, (clean_path or Path(os.devnull)).open("w") as clean:
         for line_no in range(1, n + 1):
             roll = r.random()
             if roll < 0.01:
@@ -104,45 +108,78 @@ def baseline_rows_per_s(clean_path: Path, workers: int) -> tuple[float, int]:
     return len(dataset) / (time.perf_counter() - start), len(dataset)
 
 
+def run_stage(source: str, out_dir: str, workers: int, result) -> None:
+    """The data stage alone, timed (run in a child process)."""
+    section = DataSection(sources=[DataSource(path=source)], eval_fraction=0.05, workers=workers)
+    start = time.perf_counter()
+    data = prepare_data(section, out_dir, reuse=False)
+    result.put((time.perf_counter() - start, data.to_dict()))
+
+
+def measure_stage(source: Path, out_dir: Path, workers: int) -> tuple[float, dict, float]:
+    """(seconds, prepared data, peak RSS in MB of the stage's process or any of its workers)."""
+    context = multiprocessing.get_context("spawn")
+    result = context.Queue()
+    process = context.Process(target=run_stage, args=(str(source), str(out_dir), workers, result))
+    process.start()
+    elapsed, data = result.get()
+    process.join()
+    if process.exitcode:
+        raise SystemExit(f"the data stage failed (exit {process.exitcode})")
+    return elapsed, data, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def recall(data: dict, planted: dict) -> dict[str, float]:
+    """Share of planted items caught, reading the outputs line by line."""
+    watched = set(planted["exact"]) | set(planted["near"])
+    copies = dict.fromkeys(watched, 0)
+    pii_values = {value for _, value in planted["pii"]}
+    leaked = set()
+    for path in (data["train_path"], data["eval_path"]):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                rid = line.split('"content":"', 1)[1].split(" ", 1)[0] if '"content":"row' in line else None
+                if rid in copies:
+                    copies[rid] += 1
+                if "contact " in line and (value := line.split("contact ", 1)[1].split(" today", 1)[0]) in pii_values:
+                    leaked.add(value)
+    with open(data["quarantine_path"], encoding="utf-8") as f:
+        quarantined = {json.loads(line)["row"] for line in f}
+    return {
+        "exact duplicates": sum(copies[rid] <= 1 for rid in planted["exact"]) / max(len(planted["exact"]), 1),
+        "near duplicates": sum(copies[rid] <= 1 for rid in planted["near"]) / max(len(planted["near"]), 1),
+        "bad rows": len(quarantined & set(planted["bad_lines"])) / max(len(planted["bad_lines"]), 1),
+        "PII": 1 - len(leaked) / max(len(pii_values), 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the datasets baseline (for very large N)")
+    parser.add_argument("--keep", action="store_true", help="keep the generated files")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="ftpipe-bench-data-"))
     source, clean = folder / "rows.jsonl", folder / "clean.jsonl"
-    planted = generate(source, clean, args.rows)
-    print(f"generated {args.rows} rows ({source.stat().st_size / 1e6:.0f} MB) in {folder}: {len(planted['exact'])} exact and "
+    planted = generate(source, None if args.no_baseline else clean, args.rows)
+    print(f"generated {args.rows} rows ({source.stat().st_size / 1e6:,.0f} MB) in {folder}: {len(planted['exact'])} exact and "
           f"{len(planted['near'])} near duplicates, {len(planted['pii'])} PII values, {len(planted['bad_lines'])} bad rows")
 
-    section = DataSection(sources=[DataSource(path=str(source))], eval_fraction=0.05, workers=args.workers)
-    start = time.perf_counter()
-    data = prepare_data(section, folder / "out", reuse=False)
-    elapsed = time.perf_counter() - start
+    elapsed, data, peak_mb = measure_stage(source, folder / "out", args.workers)
     rows_per_s = args.rows / elapsed
-    peak_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-
-    output = Path(data.train_path).read_text() + Path(data.eval_path).read_text()
-    ids = [line.split('"content": "', 1)[1].split(" ", 1)[0] for line in output.splitlines() if '"content": "row' in line]
-    seen: dict[str, int] = {}
-    for rid in ids:
-        seen[rid] = seen.get(rid, 0) + 1
-    quarantined = {json.loads(line)["row"] for line in Path(data.quarantine_path).read_text().splitlines()}
-    recall = {
-        "exact duplicates": sum(seen.get(rid, 0) <= 1 for rid in planted["exact"]) / max(len(planted["exact"]), 1),
-        "near duplicates": sum(seen.get(rid, 0) <= 1 for rid in planted["near"]) / max(len(planted["near"]), 1),
-        "bad rows": len(quarantined & set(planted["bad_lines"])) / max(len(planted["bad_lines"]), 1),
-        "PII": sum(value not in output for _, value in planted["pii"]) / max(len(planted["pii"]), 1),
-    }
-    source_counts = data.sources[0]
-    print(f"ftpipe data stage: {elapsed:.1f} s, {rows_per_s:,.0f} rows/s, peak RSS {peak_mb:,.0f} MB (parent or largest worker)")
-    print(f"counts: in {source_counts.rows_in}, kept {source_counts.kept}, quarantined {source_counts.quarantined}, "
-          f"removed {source_counts.removed}, PII {source_counts.pii_redacted}, reconciles {source_counts.reconciles()}")
-    for name, value in recall.items():
+    counts = data["sources"][0]
+    print(f"ftpipe data stage: {elapsed:.1f} s, {rows_per_s:,.0f} rows/s, peak RSS {peak_mb:,.0f} MB (stage process or largest worker)")
+    print(f"counts: in {counts['rows_in']}, kept {counts['kept']}, quarantined {counts['quarantined']}, removed {counts['removed']}, "
+          f"PII {counts['pii_redacted']}, reconciles {counts['rows_in'] == counts['kept'] + counts['quarantined'] + sum(counts['removed'].values())}")
+    for name, value in recall(data, planted).items():
         print(f"recall {name}: {value:.4f}")
-    base_rate, base_rows = baseline_rows_per_s(clean, args.workers)
-    print(f"baseline datasets.load_dataset + map(normalise), num_proc={args.workers}: {base_rate:,.0f} rows/s on {base_rows} rows")
-    print(f"ratio ftpipe / baseline rows/s: {rows_per_s / base_rate:.2f}")
+    if not args.no_baseline:
+        base_rate, base_rows = baseline_rows_per_s(clean, args.workers)
+        print(f"baseline datasets.load_dataset + map(normalise), num_proc={args.workers}: {base_rate:,.0f} rows/s on {base_rows} rows")
+        print(f"ratio ftpipe / baseline rows/s: {rows_per_s / base_rate:.2f}")
+    if not args.keep:
+        shutil.rmtree(folder)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 contamination check -> (token-length filter) -> files and a report whose counts reconcile.
 
 Rows stream through: files are read lazily, the per-row work runs in `data.workers` processes a few
-chunks ahead of the writer, and only the de-duplication and contamination indexes stay in memory.
+chunks ahead of the writer, which decides a chunk at a time with numpy; only the de-duplication index
+(8 bytes a key, a few keys per kept row) and the eval prompts' n-grams stay in memory.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import logging
 import multiprocessing
 import os
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -20,16 +21,24 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from data_prep.dedup import ContaminationIndex, Deduplicator
+from data_prep.dedup import KEPT, REASONS, ContaminationIndex, Deduplicator, lsh_bands
 from data_prep.files import atomic_write_json, sha256_file
-from data_prep.readers import DataError, RawRow
-from data_prep.rows import Processed, RowProcessor, RowSettings, init_worker, process_chunk
-from data_prep.sources import iter_source
+from data_prep.readers import DataError
+from data_prep.rows import (
+    FORMATS,
+    KINDS,
+    ChunkResult,
+    RowProcessor,
+    RowSettings,
+    held_out,
+    init_worker,
+    process_chunk,
+)
+from data_prep.sources import iter_chunks
 from recipes.schema import DataSection, DataSource
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 1024
 MAX_LISTED_PAIRS = 1000
 
 
@@ -104,13 +113,13 @@ def prepare_data(section: DataSection, out_dir: str | Path, reuse: bool = True) 
             paths["quarantine"].open("wb") as quarantine, staged_grams.open("wb") as grams_out:
         writer = _SplitWriter(section, train_out, eval_out, quarantine, kinds, grams_out)
         if section.eval_sources:
-            eval_dedup = Deduplicator(section.dedup)
-            for source in section.eval_sources:
-                counts.append(writer.consume(source, "eval", processor.run(source), eval_dedup))
-        train_dedup = Deduplicator(section.dedup)
-        role = "train" if section.eval_sources else "train+eval"
-        for source in section.sources:
-            counts.append(writer.consume(source, role, processor.run(source), train_dedup))
+            with Deduplicator(section.dedup, out_dir) as eval_dedup:
+                for source in section.eval_sources:
+                    counts.append(writer.consume(source, "eval", processor.run(source), eval_dedup))
+        with Deduplicator(section.dedup, out_dir) as train_dedup:
+            role = "train" if section.eval_sources else "train+eval"
+            for source in section.sources:
+                counts.append(writer.consume(source, role, processor.run(source), train_dedup))
     _check_invalid_fraction(counts, section.max_invalid_fraction, paths["quarantine"])
     contamination = _check_contamination(section, paths["eval"], staged_train, staged_grams, paths["train"])
     train_rows, eval_rows = _count_lines(paths["train"]), _count_lines(paths["eval"])
@@ -157,16 +166,16 @@ class _Processor:
     def __init__(self, section: DataSection):
         self.section = section
         self.pii_types = list(section.pii.types) if section.pii.redact else []
-        self.num_perm = section.dedup.num_perm if section.dedup.near else None
-        self.ngram = section.contamination.ngram if section.contamination.check else None
+        self.worker_args = (self.pii_types, section.dedup.num_perm, section.contamination.ngram if section.contamination.check else None,
+                            lsh_bands(section.dedup))
         self.pool = None
 
     def __enter__(self) -> "_Processor":
         if self.section.workers > 1:
             context = multiprocessing.get_context("spawn")  # no fork: the parent may hold torch threads
-            self.pool = context.Pool(self.section.workers, initializer=init_worker, initargs=(self.pii_types, self.num_perm, self.ngram))
+            self.pool = context.Pool(self.section.workers, initializer=init_worker, initargs=self.worker_args)
         else:
-            self.local = RowProcessor(self.pii_types, self.num_perm, self.ngram)
+            self.local = RowProcessor(*self.worker_args)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -174,85 +183,88 @@ class _Processor:
             self.pool.terminate()
             self.pool.join()
 
-    def run(self, source: DataSource) -> Iterator[Processed]:
-        settings = RowSettings(source.format, tuple(source.columns.items()), self.section.system_prompt,
-                               self.section.system_prompt_mode, self.section.max_row_chars)
-        chunks = ((chunk, settings) for chunk in _chunks(iter_source(source), CHUNK_ROWS))
+    def run(self, source: DataSource) -> Iterator[ChunkResult]:
+        section = self.section
+        settings = RowSettings(source.format, tuple(source.columns.items()), section.system_prompt, section.system_prompt_mode,
+                               section.max_row_chars, section.seed, section.eval_fraction)
+        chunks = ((chunk, settings) for chunk in iter_chunks(source))
         if self.pool is None:
             for chunk, _ in chunks:
-                yield from self.local.chunk(chunk, settings)
+                yield self.local.chunk(chunk, settings)
             return
         pending: deque = deque()
         for item in chunks:  # a bounded window of chunks in flight keeps memory flat on any input size
             pending.append(self.pool.apply_async(process_chunk, (item,)))
-            if len(pending) >= 2 * self.section.workers:
-                yield from pending.popleft().get()
+            if len(pending) >= 2 * section.workers:
+                yield pending.popleft().get()
         while pending:
-            yield from pending.popleft().get()
-
-
-def _chunks(rows: Iterable[RawRow], size: int) -> Iterator[list[RawRow]]:
-    iterator = iter(rows)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
+            yield pending.popleft().get()
 
 
 class _SplitWriter:
-    """Decides each processed row's fate and writes it: quarantine, duplicate, train (with weight) or eval."""
+    """Decides each processed row's fate, a chunk at a time, and writes it: quarantine, duplicate, train
+    (with weight) or eval. Training rows' n-gram hashes go to a sidecar for the contamination pass."""
 
     def __init__(self, section: DataSection, train_out, eval_out, quarantine, kinds: Counter, grams_out):
         self.section = section
         self.train_out, self.eval_out, self.quarantine, self.grams_out = train_out, eval_out, quarantine, grams_out
         self.kinds = kinds
+        self.pii_types = list(section.pii.types) if section.pii.redact else []
 
-    def consume(self, source: DataSource, role: str, rows: Iterator[Processed], dedup: Deduplicator) -> SourceCounts:
+    def consume(self, source: DataSource, role: str, chunks: Iterator[ChunkResult], dedup: Deduplicator) -> SourceCounts:
         count = SourceCounts(path=source.name, role=role)
         removed: Counter[str] = Counter()
-        formats: Counter[str] = Counter()
-        pii: Counter[str] = Counter()
-        for item in rows:
-            count.rows_in += 1
-            if item.reason is not None:
-                count.quarantined += 1
-                self.quarantine.write(json.dumps({"source": item.source, "row": item.row, "reason": item.reason,
-                                                  "record": item.record_preview}, ensure_ascii=False).encode() + b"\n")
-                continue
-            duplicate = dedup.check(item.key, item.signature)
-            if duplicate:
-                removed[duplicate] += 1
-                continue
-            count.kept += 1
-            formats[item.fmt] += 1
-            pii.update(item.pii)
-            self.kinds[item.kind] += 1
-            count.written += self._write(item, role, source.weight)
-            if source.max_samples and count.kept >= source.max_samples:
+        formats, kinds = np.zeros(len(FORMATS), dtype=np.int64), np.zeros(len(KINDS), dtype=np.int64)
+        pii = np.zeros(len(self.pii_types), dtype=np.int64)
+        for chunk in chunks:
+            verdict = dedup.decide(chunk.keys, chunk.bands, chunk.signatures)
+            taken = len(chunk.keys)  # valid rows of this chunk that count (all, unless max_samples stops inside it)
+            if source.max_samples and count.kept + int(np.sum(verdict == KEPT)) >= source.max_samples:
+                taken = int(np.flatnonzero(verdict == KEPT)[source.max_samples - count.kept - 1]) + 1
                 count.stopped_at_max_samples = True
+            verdict = verdict[:taken]
+            dedup.commit(*(None if column is None else column[:taken] for column in (chunk.keys, chunk.bands, chunk.signatures)), verdict)
+            end = int(chunk.position[taken - 1]) + 1 if count.stopped_at_max_samples else chunk.size
+            count.rows_in += end
+            bad = [line for position, line in chunk.quarantined if position < end]
+            count.quarantined += len(bad)
+            self.quarantine.write(b"".join(bad))
+            for code, reason in REASONS.items():
+                removed[reason] += int(np.sum(verdict == code))
+            kept = np.flatnonzero(verdict == KEPT)
+            count.kept += len(kept)
+            formats += np.bincount(chunk.fmt[kept], minlength=len(FORMATS))
+            kinds += np.bincount(chunk.kind[kept], minlength=len(KINDS))
+            pii += chunk.pii[kept].sum(axis=0, dtype=np.int64)
+            count.written += self._write(chunk, kept, role, source.weight)
+            if count.stopped_at_max_samples:
                 break
-        count.removed, count.formats, count.pii_redacted = dict(removed), dict(formats), dict(pii)
+        count.removed = {reason: n for reason, n in removed.items() if n}
+        count.formats = {name: int(n) for name, n in zip(FORMATS, formats, strict=True) if n}
+        count.pii_redacted = {name: int(n) for name, n in zip(self.pii_types, pii, strict=True) if n}
+        self.kinds.update({name: int(n) for name, n in zip(KINDS, kinds, strict=True) if n})
         log.info("data: %s (%s): %d rows in, %d kept, %d quarantined, removed %s, pii %s", source.name, role,
-                 count.rows_in, count.kept, count.quarantined, dict(removed), dict(pii))
+                 count.rows_in, count.kept, count.quarantined, count.removed, count.pii_redacted)
         return count
 
-    def _write(self, item: Processed, role: str, weight: float) -> int:
-        line = item.line
-        if role == "eval" or (role == "train+eval" and held_out(item.key, self.section.eval_fraction, self.section.seed)):
-            self.eval_out.write(line)
-            return 1
-        copies = int(weight) + (1 if self._unit(item.key, "weight") < weight - int(weight) else 0)
-        self.train_out.write(line * copies)
-        if item.grams is not None:
-            self.grams_out.write((np.uint32(len(item.grams) // 4).tobytes() + item.grams) * copies)
-        return copies
-
-    def _unit(self, key: int, purpose: str) -> float:
-        return xxhash.xxh3_64_intdigest(f"{self.section.seed}:{purpose}:{key}".encode()) / 2**64
-
-
-def held_out(key: int, eval_fraction: float, seed: int) -> bool:
-    """Whether a row (by its content key) goes to eval: a hash of content and seed, so the split is stable
-    under reordering and reruns."""
-    return xxhash.xxh3_64_intdigest(f"{seed}:{key}".encode()) < int(eval_fraction * 2**64)
+    def _write(self, chunk: ChunkResult, kept: np.ndarray, role: str, weight: float) -> int:
+        """Write the kept rows; returns how many lines (weight copies included)."""
+        if role == "eval":
+            to_eval, to_train = kept, kept[:0]
+        elif role == "train+eval":
+            to_eval, to_train = kept[chunk.held_out[kept]], kept[~chunk.held_out[kept]]
+        else:
+            to_eval, to_train = kept[:0], kept
+        self.eval_out.write(b"".join(chunk.line(i) for i in to_eval.tolist()))
+        copies = int(weight) + (chunk.weight_unit[to_train] < weight - int(weight))
+        to_train = np.repeat(to_train, copies)
+        self.train_out.write(b"".join(chunk.line(i) for i in to_train.tolist()))
+        if chunk.grams is not None and len(to_train):
+            sizes = chunk.gram_counts[to_train]
+            starts = (np.cumsum(chunk.gram_counts) - chunk.gram_counts)[to_train]
+            gather = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
+            self.grams_out.write(np.uint32(len(to_train)).tobytes() + sizes.astype(np.uint32).tobytes() + chunk.grams[gather].tobytes())
+        return len(to_eval) + len(to_train)
 
 
 def _check_invalid_fraction(counts: list[SourceCounts], limit: float, quarantine_path: Path) -> None:
@@ -282,8 +294,13 @@ def _check_contamination(section: DataSection, eval_path: Path, staged_train: Pa
     pairs, contaminated_rows, eval_hit = [], 0, set()
     with staged_train.open("rb") as src, staged_grams.open("rb") as grams, train_path.open("wb") as dst:
         number = 0
-        while lines := list(islice(src, CHUNK_ROWS)):
-            for line, hits in zip(lines, index.overlaps([_read_grams(grams) for _ in lines]), strict=True):
+        while header := grams.read(4):  # one record per written chunk: row count, gram counts, grams
+            rows = int(np.frombuffer(header, dtype=np.uint32)[0])
+            sizes = np.frombuffer(grams.read(4 * rows), dtype=np.uint32).astype(np.int64)
+            flat = np.frombuffer(grams.read(4 * int(sizes.sum())), dtype=np.uint32)
+            lines = list(islice(src, rows))
+            kept = []
+            for line, hits in zip(lines, index.overlaps(flat, sizes), strict=True):
                 number += 1
                 if hits:
                     contaminated_rows += 1
@@ -291,7 +308,8 @@ def _check_contamination(section: DataSection, eval_path: Path, staged_train: Pa
                     pairs.extend({"train_row": number, "eval_row": i + 1, "overlap": share} for i, share in hits[: MAX_LISTED_PAIRS - len(pairs)])
                     if config.remove:
                         continue
-                dst.write(line)
+                kept.append(line)
+            dst.write(b"".join(kept))
     staged_train.unlink()
     staged_grams.unlink()
     result = {"checked": True, "ngram": config.ngram, "min_overlap": config.min_overlap, "eval_rows_indexed": index.indexed,
@@ -301,11 +319,6 @@ def _check_contamination(section: DataSection, eval_path: Path, staged_train: Pa
         log.warning("data: %d training rows share >= %.0f%% of an eval prompt's %d-grams (%d eval rows hit)%s",
                     contaminated_rows, 100 * config.min_overlap, config.ngram, len(eval_hit), "; removed" if config.remove else "")
     return result
-
-
-def _read_grams(f) -> np.ndarray:
-    (count,) = np.frombuffer(f.read(4), dtype=np.uint32)
-    return np.frombuffer(f.read(4 * int(count)), dtype=np.uint32)
 
 
 def _count_lines(path: Path) -> int:

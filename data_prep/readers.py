@@ -10,11 +10,13 @@ import csv
 import io
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, BinaryIO
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+CHUNK_ROWS = 1024  # rows handed to a worker at a time
 
 
 class DataError(ValueError):
@@ -30,22 +32,52 @@ class RawRow:
     line: bytes | None = None  # the raw JSONL line, parsed later (in a worker) when set
 
 
+@dataclass(frozen=True)
+class RawChunk:
+    """Consecutive raw rows in columns: lists of plain values pickle several times faster than row objects,
+    and a JSONL file becomes chunks without a Python object per line."""
+
+    sources: list[str]
+    rows: list[int]
+    lines: list[bytes | None]
+    records: list
+    errors: list[str | None]
+
+    @classmethod
+    def of(cls, rows: list[RawRow]) -> "RawChunk":
+        return cls([r.source for r in rows], [r.row for r in rows], [r.line for r in rows], [r.record for r in rows], [r.error for r in rows])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def raw_rows(self) -> Iterator[RawRow]:
+        return map(RawRow, self.sources, self.rows, self.records, self.errors, self.lines)
+
+
+def in_chunks(rows: Iterable[RawRow]) -> Iterator[RawChunk]:
+    iterator = iter(rows)
+    while batch := list(islice(iterator, CHUNK_ROWS)):
+        yield RawChunk.of(batch)
+
+
 def suffix_of(name: str) -> str:
     base = name.rsplit("/", 1)[-1].lower()
     return "." + base.rsplit(".", 1)[-1] if "." in base else ""
 
 
-def read_stream(name: str, open_binary: Callable[[], BinaryIO], size: int | None) -> Iterator[RawRow]:
-    """Yield every row of one file; unparseable rows come back with `error` set."""
+def read_stream(name: str, open_binary: Callable[[], BinaryIO], size: int | None) -> Iterator[RawChunk]:
+    """Every row of one file, a chunk at a time; unparseable rows come back with `error` set."""
     suffix = suffix_of(name)
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(f"{name}: unsupported file type {suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
     if size == 0:
         raise DataError(f"{name}: file is empty")
-    reader = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}[suffix]
     try:
         with open_binary() as f:
-            yield from reader(name, f)
+            if suffix == ".jsonl":
+                yield from _jsonl(name, f)
+            else:
+                yield from in_chunks({".json": _json, ".csv": _csv, ".parquet": _parquet}[suffix](name, f))
     except PermissionError:
         raise DataError(f"{name}: permission denied") from None
 
@@ -61,11 +93,16 @@ def parse_jsonl_line(source: str, number: int, raw: bytes) -> RawRow:
         return RawRow(source, number, error=f"invalid JSON: {exc.msg} at column {exc.colno}")
 
 
-def _jsonl(name: str, f: BinaryIO) -> Iterator[RawRow]:
-    """Lines are handed out unparsed (`line`), so parsing happens where the rest of the row's work does."""
-    for number, raw in enumerate(f, start=1):
-        if raw.strip():
-            yield RawRow(name, number, line=raw)
+def _jsonl(name: str, f: BinaryIO) -> Iterator[RawChunk]:
+    """Lines are handed out unparsed (`lines`), so parsing happens where the rest of the row's work does;
+    blank lines are skipped but counted, so row numbers stay line numbers."""
+    first = 1
+    while lines := list(islice(f, CHUNK_ROWS)):
+        numbered = [(number, line) for number, line in enumerate(lines, start=first) if not line.isspace()]
+        first += len(lines)
+        if numbered:
+            numbers, kept = map(list, zip(*numbered, strict=True))
+            yield RawChunk([name] * len(kept), numbers, kept, [None] * len(kept), [None] * len(kept))
 
 
 def _json(name: str, f: BinaryIO) -> Iterator[RawRow]:

@@ -1,22 +1,33 @@
-"""The per-row work of the data stage: parse, normalise, validate, redact, and hash for de-duplication.
+"""The per-row work of the data stage: parse, normalise, validate, redact, and sketch for de-duplication.
 
-It is pure (row in, result out) so it can run in worker processes; de-duplication state and file
-writing stay in the parent.
+It is pure (a chunk of raw rows in, a columnar result out) so it runs in worker processes; the
+de-duplication index and the files stay in the parent. Results travel as a few numpy arrays and one bytes
+blob per chunk, which pickle at memory speed, so the parent's share of the work stays small.
 """
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import xxhash
 
-from data_prep.formats import RowError, kind_of, map_texts, rename_columns, row_texts, to_canonical
+from data_prep.formats import (
+    KIND_OF_FORMAT,
+    RowError,
+    kind_of,
+    map_texts,
+    rename_columns,
+    row_texts,
+    to_canonical,
+)
 from data_prep.pii import Redactor
-from data_prep.readers import RawRow, parse_jsonl_line
+from data_prep.readers import RawChunk, RawRow, parse_jsonl_line
 
 QUARANTINE_RECORD_CHARS = 2_000  # a quarantined row keeps at most this much of its record (plus its file and row)
+FORMATS = tuple(KIND_OF_FORMAT)
+KINDS = ("chat", "text", "preference")
 
 
 @dataclass(frozen=True)
@@ -28,130 +39,194 @@ class RowSettings:
     system_prompt: str | None
     system_mode: str
     max_row_chars: int
+    seed: int
+    eval_fraction: float
 
 
 @dataclass(slots=True)
-class Processed:
-    """One row's outcome, sent back from a worker: arrays travel as bytes, which pickle cheaply."""
+class ChunkResult:
+    """One chunk's outcome. Valid rows are columns in chunk order; `position` says where each (and each
+    quarantined row) stood in the chunk, so the parent can stop exactly at a row (max_samples)."""
 
-    source: str
-    row: int
-    reason: str | None = None  # quarantine reason
-    record_preview: str | None = None
-    line: bytes | None = None  # the canonical row as a UTF-8 JSON line, newline included
-    kind: str | None = None
-    fmt: str | None = None
-    key: int = 0  # exact-duplicate key
-    signature: bytes | None = None  # MinHash values (uint64)
-    grams: bytes | None = None  # word n-gram hashes (uint32), for the contamination check
-    pii: Counter = field(default_factory=Counter)
+    size: int  # raw rows in the chunk
+    quarantined: list[tuple[int, bytes]]  # (position, quarantine.jsonl line)
+    position: np.ndarray  # int32, valid rows
+    ends: np.ndarray  # int64 end offset of each row's line in `lines`
+    lines: bytes  # canonical rows as UTF-8 JSON lines
+    keys: np.ndarray  # uint64 exact-duplicate key (hash of the canonical row)
+    held_out: np.ndarray  # bool: goes to eval when the source is split
+    weight_unit: np.ndarray  # float64 in [0, 1): decides the fractional copy of a weighted row
+    fmt: np.ndarray  # uint8 index into FORMATS
+    kind: np.ndarray  # uint8 index into KINDS
+    pii: np.ndarray  # uint32 (rows x PII types) redactions per row
+    bands: np.ndarray | None  # uint32 (rows x bands) MinHash LSH bucket keys
+    signatures: np.ndarray | None  # uint32 (rows x num_perm) MinHash signatures
+    grams: np.ndarray | None  # uint32 word n-gram hashes of all rows, row after row
+    gram_counts: np.ndarray | None  # int64 n-gram hashes per row
+
+    def line(self, i: int) -> bytes:
+        return self.lines[self.ends[i - 1] if i else 0 : self.ends[i]]
 
 
-class _WordHashes(dict):
-    """xxh32 of each word, computed once per worker and looked up from C through map()."""
+_P = np.uint64(0x100000001B3)  # odd: invertible mod 2^64, so a word's hash does not depend on where it starts
+_P_INV = np.uint64(pow(0x100000001B3, -1, 2**64))
+_WHITESPACE = np.zeros(256, dtype=bool)
+_WHITESPACE[list(b" \t\n\r\x0b\x0c")] = True
 
-    LIMIT = 2_000_000
 
-    def __missing__(self, word: str) -> int:
-        if len(self) >= self.LIMIT:
-            self.clear()
-        value = self[word] = xxhash.xxh32_intdigest(word.encode())
-        return value
+def _mix32(x: np.ndarray) -> np.ndarray:
+    """A 64-bit finaliser (splitmix64), top 32 bits."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return ((x ^ (x >> np.uint64(31))) >> np.uint64(32)).astype(np.uint32)
 
 
 class Sketcher:
-    """Per-row sketches computed in numpy over a whole chunk of rows from one pass of word hashing:
-    - MinHash signatures of word 3-grams for datasketch's MinHashLSH (num_perm multiply-add maps mod 2^32);
+    """Per-row sketches computed in numpy over a whole chunk of rows:
+    - MinHash signatures of word 3-grams (num_perm multiply-add maps mod 2^32, datasketch's affine32 scheme),
+      and one 32-bit bucket key per LSH band (bands x rows as datasketch's MinHashLSH picks them);
     - word n-gram hashes (uint32) for the contamination check.
-    """
+    Words are whitespace-separated, lower-cased, hashed from the UTF-8 bytes with prefix sums."""
 
-    def __init__(self, num_perm: int | None, ngram: int | None, seed: int = 1):
+    def __init__(self, num_perm: int | None, ngram: int | None, bands: tuple[int, int] | None = None, seed: int = 1):
         rng = np.random.default_rng(seed)
-        self.num_perm, self.ngram = num_perm, ngram
+        self.num_perm, self.ngram, self.bands = num_perm, ngram, bands
         if num_perm:
             self.a = (rng.integers(0, 2**32, num_perm, dtype=np.uint64) | 1).astype(np.uint32)
             self.b = rng.integers(0, 2**32, num_perm, dtype=np.uint64).astype(np.uint32)
-        self._words = _WordHashes()
+        self._powers = np.ones(1, dtype=np.uint64)
+        self._inverse_powers = np.ones(1, dtype=np.uint64)
 
-    def sketch(self, rows_texts: list[list[str]]) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
-        if not rows_texts:
-            return [], []
-        words = [" ".join(texts).lower().split() or [""] for texts in rows_texts]
-        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        w = np.fromiter(map(self._words.__getitem__, (x for row in words for x in row)), dtype=np.uint32, count=int(lengths.sum()))
-        signatures = self._signatures(w, starts, lengths) if self.num_perm else [None] * len(words)
-        grams = self._grams(w, starts, lengths) if self.ngram else [None] * len(words)
-        return signatures, grams
+    def words(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Hash of every word of every text (uint32), and each text's word count (a text without words
+        counts as one empty word, so every row has a sketch)."""
+        texts = [t.lower() if t and not t.isspace() else "\x01" for t in texts]
+        encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+        data = np.frombuffer(b" ".join(encoded), dtype=np.uint8)
+        space = _WHITESPACE[data]
+        starts = np.flatnonzero(~space & np.concatenate(([True], space[:-1])))
+        ends = np.flatnonzero(~space & np.concatenate((space[1:], [True]))) + 1
+        prefix = np.concatenate((np.zeros(1, dtype=np.uint64), np.cumsum((data.astype(np.uint64) + np.uint64(1)) * self._power_table(len(data)), dtype=np.uint64)))
+        raw = (prefix[ends] - prefix[starts]) * self._inverse_powers[starts]
+        text_starts = np.cumsum([0] + [len(e) + 1 for e in encoded[:-1]])
+        counts = np.bincount(np.searchsorted(text_starts, starts, side="right") - 1, minlength=len(texts))
+        return _mix32(raw), counts
 
-    def _signatures(self, w: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
-        # 3-gram hash at each word position, mixing the word and the next two
-        grams = w * np.uint32(0x9E3779B1) ^ np.roll(w, -1) * np.uint32(0x85EBCA77) ^ np.roll(w, -2) * np.uint32(0xC2B2AE3D)
-        per_row = np.maximum(lengths - 2, 1)
-        keep = np.ones(len(w), dtype=bool)
-        for start, length, count in zip(starts, lengths, per_row, strict=True):  # 3-grams must not run into the next row
-            keep[start + count : start + length] = False
-        permuted = grams[keep][:, None] * self.a[None, :] + self.b[None, :]
-        firsts = np.concatenate(([0], np.cumsum(per_row)[:-1]))
-        return list(np.minimum.reduceat(permuted, firsts, axis=0).astype(np.uint64))
+    def _power_table(self, length: int) -> np.ndarray:
+        if len(self._powers) < length:
+            size = max(length, 2 * len(self._powers))
+            self._powers = np.cumprod(np.full(size, _P, dtype=np.uint64), dtype=np.uint64) * _P_INV
+            self._inverse_powers = np.cumprod(np.full(size, _P_INV, dtype=np.uint64), dtype=np.uint64) * _P
+        return self._powers[:length]
 
-    def _grams(self, w: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    def sketch(self, texts: list[str]) -> tuple[np.ndarray | None, ...]:
+        """(band keys (rows x bands), signatures (rows x num_perm), n-gram hashes flat, n-gram counts per row)
+        for one text per row."""
+        w, counts = self.words(texts)
+        position = np.arange(len(w)) - np.repeat(np.cumsum(counts) - counts, counts)
+        left = np.repeat(counts, counts) - position  # words left in the row from here, this one included
+        signatures = self.signatures(w, counts, position, left) if self.bands else None
+        bands = self.band_keys(signatures) if self.bands else None
+        grams, gram_counts = self._grams(w, counts, position, left) if self.ngram else (None, None)
+        return bands, signatures, grams, gram_counts
+
+    def signatures(self, w: np.ndarray, counts: np.ndarray, position: np.ndarray, left: np.ndarray) -> np.ndarray:
+        """MinHash of each row's word 3-grams (a row of one or two words is one gram of them)."""
+        zero = np.uint32(0)
+        grams = (w * np.uint32(0x9E3779B1) ^ np.where(left > 1, np.roll(w, -1), zero) * np.uint32(0x85EBCA77)
+                 ^ np.where(left > 2, np.roll(w, -2), zero) * np.uint32(0xC2B2AE3D))
+        per_row = np.maximum(counts - 2, 1)
+        grams = grams[position < np.repeat(per_row, counts)]
+        permuted = grams[None, :] * self.a[:, None] + self.b[:, None]  # (num_perm, grams): reduce along the fast axis
+        return np.ascontiguousarray(np.minimum.reduceat(permuted, np.cumsum(per_row) - per_row, axis=1).T)
+
+    def band_keys(self, signatures: np.ndarray) -> np.ndarray:
+        """One key per band: a hash of the band's slice of the signature and of the band's number."""
+        bands, rows = self.bands
+        keys = np.empty((len(signatures), bands), dtype=np.uint32)
+        for band in range(bands):
+            h = np.full(len(signatures), 0x9E3779B97F4A7C15 * (band + 1) % 2**64, dtype=np.uint64)
+            for column in range(band * rows, (band + 1) * rows):
+                h = (h ^ signatures[:, column].astype(np.uint64)) * np.uint64(0x100000001B3)
+                h ^= h >> np.uint64(29)
+            keys[:, band] = _mix32(h)
+        return keys
+
+    def _grams(self, w, counts, position, left) -> tuple[np.ndarray, np.ndarray]:
+        """Word n-gram hashes per row, rows one after another (a row shorter than n is one gram of all its
+        words). Repeats within a row are left in: the few rows that hit an eval prompt are de-duplicated there."""
         n = self.ngram
         rolled = np.zeros(len(w), dtype=np.uint32)
         for k in range(n):
-            rolled = rolled * np.uint32(0x01000193) + np.roll(w, -k)
+            rolled = rolled * np.uint32(0x01000193) + np.where(left > k, np.roll(w, -k), np.uint32(0))
         rolled ^= rolled >> np.uint32(15)
-        out = []
-        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-            if length < n:  # a short row is one n-gram of all its words
-                value = 0
-                for k in range(length):
-                    value = (value * 0x01000193 + int(w[start + k])) & 0xFFFFFFFF
-                out.append(np.array([value ^ (value >> 15)], dtype=np.uint32))
-                continue
-            out.append(np.unique(rolled[start : start + length - n + 1]))
-        return out
+        per_row = np.maximum(counts - n + 1, 1)
+        return rolled[position < np.repeat(per_row, counts)], per_row
 
 
 class RowProcessor:
-    def __init__(self, pii_types: list[str], num_perm: int | None, ngram: int | None):
+    def __init__(self, pii_types: list[str], num_perm: int | None, ngram: int | None, bands: tuple[int, int] | None = None):
+        self.pii_types = list(pii_types)
         self.redactor = Redactor(pii_types)
-        self.sketcher = Sketcher(num_perm, ngram) if (num_perm or ngram) else None
+        self.sketcher = Sketcher(num_perm, ngram, bands) if (bands or ngram) else None
 
-    def chunk(self, rows: list[RawRow], settings: RowSettings) -> list[Processed]:
-        results = [self.row(raw, settings) for raw in rows]
-        if self.sketcher is not None:
-            kept = [(item, row) for item, row in results if row is not None]
-            signatures, grams = self.sketcher.sketch([row_texts(row) for _, row in kept])
-            for (item, _), signature, gram in zip(kept, signatures, grams, strict=True):
-                item.signature = None if signature is None else signature.tobytes()
-                item.grams = None if gram is None else gram.tobytes()
-        return [item for item, _ in results]
+    def chunk(self, chunk: RawChunk, settings: RowSettings) -> ChunkResult:
+        quarantined, position, lines, rows, fmts, kinds, pii = [], [], [], [], [], [], []
+        for i, raw in enumerate(chunk.raw_rows()):
+            counts: Counter[str] = Counter()
+            outcome = self.row(raw, settings, counts)
+            if isinstance(outcome, bytes):
+                quarantined.append((i, outcome))
+                continue
+            fmt, row, line = outcome
+            position.append(i)
+            lines.append(line)
+            rows.append(row)
+            fmts.append(FORMATS.index(fmt))
+            kinds.append(KINDS.index(kind_of(row)))
+            pii.append([counts.get(t, 0) for t in self.pii_types])
+        keys = np.fromiter(map(xxhash.xxh3_64_intdigest, lines), dtype=np.uint64, count=len(lines))
+        sketches = self.sketcher.sketch([" ".join(row_texts(r)) for r in rows]) if self.sketcher and rows else (None,) * 4
+        bands, signatures, grams, gram_counts = sketches
+        return ChunkResult(
+            size=len(chunk), quarantined=quarantined, position=np.array(position, dtype=np.int32),
+            ends=np.cumsum([len(line) + 1 for line in lines], dtype=np.int64), lines=b"".join(line + b"\n" for line in lines), keys=keys,
+            held_out=np.array([held_out(k, settings.eval_fraction, settings.seed) for k in keys.tolist()], dtype=bool),
+            weight_unit=np.array([unit_hash(k, settings.seed, "weight") for k in keys.tolist()], dtype=np.float64),
+            fmt=np.array(fmts, dtype=np.uint8), kind=np.array(kinds, dtype=np.uint8),
+            pii=np.array(pii, dtype=np.uint32).reshape(len(lines), len(self.pii_types)),
+            bands=bands, signatures=signatures, grams=grams, gram_counts=gram_counts,
+        )
 
-    def row(self, raw: RawRow, settings: RowSettings) -> tuple[Processed, dict | None]:
-        """The processed row, and its canonical form (None when quarantined)."""
+    def row(self, raw: RawRow, settings: RowSettings, pii_counts: Counter) -> tuple[str, dict, bytes] | bytes:
+        """(format, canonical row, its JSON text); or, for a bad row, its quarantine.jsonl line."""
         # a JSONL line has at least as many bytes as characters, so only long lines need counting
         needs_size_check = raw.line is None or len(raw.line) > settings.max_row_chars
         if raw.line is not None:
             raw = parse_jsonl_line(raw.source, raw.row, raw.line)
         if needs_size_check and raw.error is None:
             raw = RawRow(raw.source, raw.row, raw.record, _size_error(raw.record, settings.max_row_chars))
-        out = Processed(raw.source, raw.row)
         try:
             if raw.error:
                 raise RowError(raw.error)
             record = rename_columns(raw.record, dict(settings.columns))
-            out.fmt, row = to_canonical(record, settings.fmt, settings.system_prompt, settings.system_mode)
+            fmt, row = to_canonical(record, settings.fmt, settings.system_prompt, settings.system_mode)
         except RowError as exc:
-            out.reason = str(exc)
-            out.record_preview = _preview(raw.record)
-            return out, None
-        row = map_texts(row, lambda text: self.redactor.redact(text, out.pii))
-        out.kind = kind_of(row)
-        canonical = json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
-        out.key = xxhash.xxh3_64_intdigest(canonical)
-        out.line = canonical + b"\n"
-        return out, row
+            return json.dumps({"source": raw.source, "row": raw.row, "reason": str(exc), "record": _preview(raw.record)},
+                              ensure_ascii=False).encode() + b"\n"
+        row = map_texts(row, lambda text: self.redactor.redact(text, pii_counts))
+        return fmt, row, json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
+
+
+def held_out(key: int, eval_fraction: float, seed: int) -> bool:
+    """Whether a row (by its content key) goes to eval: a hash of content and seed, so the split is stable
+    under reordering and reruns."""
+    return xxhash.xxh3_64_intdigest(f"{seed}:{key}".encode()) < int(eval_fraction * 2**64)
+
+
+def unit_hash(key: int, seed: int, purpose: str) -> float:
+    """A number in [0, 1) fixed by the row's content, the seed and what it decides."""
+    return xxhash.xxh3_64_intdigest(f"{seed}:{purpose}:{key}".encode()) / 2**64
 
 
 def _size_error(record, limit: int) -> str | None:
@@ -180,11 +255,11 @@ def _preview(record) -> str | None:
 _PROCESSOR: RowProcessor | None = None
 
 
-def init_worker(pii_types: list[str], num_perm: int | None, ngram: int | None) -> None:
+def init_worker(pii_types: list[str], num_perm: int | None, ngram: int | None, bands: tuple[int, int] | None) -> None:
     global _PROCESSOR
-    _PROCESSOR = RowProcessor(pii_types, num_perm, ngram)
+    _PROCESSOR = RowProcessor(pii_types, num_perm, ngram, bands)
 
 
-def process_chunk(chunk: tuple[list[RawRow], RowSettings]) -> list[Processed]:
+def process_chunk(chunk: tuple[RawChunk, RowSettings]) -> ChunkResult:
     rows, settings = chunk
     return _PROCESSOR.chunk(rows, settings)

@@ -1,5 +1,5 @@
 """Expand a recipe data source into the rows it holds: files, globs, folders, `save_to_disk` datasets,
-fsspec URLs and hub datasets, all yielding `RawRow`s with their origin."""
+fsspec URLs and hub datasets, all yielding chunks of `RawRow`s with their origin."""
 from __future__ import annotations
 
 import glob
@@ -7,7 +7,15 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_prep.readers import SUPPORTED_SUFFIXES, DataError, RawRow, read_stream, suffix_of
+from data_prep.readers import (
+    SUPPORTED_SUFFIXES,
+    DataError,
+    RawChunk,
+    RawRow,
+    in_chunks,
+    read_stream,
+    suffix_of,
+)
 from recipes.schema import DataSource
 
 GLOB_CHARS = "*?["
@@ -15,14 +23,20 @@ GLOB_CHARS = "*?["
 
 def iter_source(source: DataSource) -> Iterator[RawRow]:
     """Every row of a source, in a stable order (files sorted by name)."""
+    for chunk in iter_chunks(source):
+        yield from chunk.raw_rows()
+
+
+def iter_chunks(source: DataSource) -> Iterator[RawChunk]:
+    """The rows of a source a chunk at a time, in a stable order (files sorted by name)."""
     if source.hub is not None:
-        yield from _hub_rows(source)
+        yield from in_chunks(_hub_rows(source))
         return
     path = source.path
     if "://" in path:
         yield from _remote_rows(path, storage_options(source))
     elif _is_saved_dataset(Path(path)):
-        yield from _dataset_rows(path, _load_from_disk(path))
+        yield from in_chunks(_dataset_rows(path, _load_from_disk(path)))
     else:
         for file in local_files(path):
             yield from read_stream(file, lambda file=file: open(file, "rb"), Path(file).stat().st_size)
@@ -61,7 +75,7 @@ def local_files(path: str) -> list[str]:
     return [path]
 
 
-def _remote_rows(url: str, options: dict) -> Iterator[RawRow]:
+def _remote_rows(url: str, options: dict) -> Iterator[RawChunk]:
     import fsspec
 
     try:

@@ -133,6 +133,8 @@ def _route_stage_logs() -> None:
 
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", STAGE_LOGGERS)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the embedded server's 20 s default is too short on a busy 2-core machine (seen while tests ran beside it)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     for name in STAGE_LOGGERS.split(","):
         logging.getLogger(name).setLevel(logging.INFO)
 
