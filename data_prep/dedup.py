@@ -37,37 +37,54 @@ def lsh_bands(section: DedupSection) -> tuple[int, int] | None:
 class SortedKeys:
     """A growing multiset of keys (with an optional uint32 id each) held as a few sorted arrays: a new batch
     is one more array, and arrays of similar size are merged, so there are O(log n) of them to search.
-    Arrays stop growing at MAX_RUN keys, which bounds what a merge needs on top of the keys themselves."""
+    Arrays stop growing at MAX_RUN keys, which bounds what a merge needs on top of the keys themselves.
+
+    A bitmap of the keys' low `bitmap_bits` bits answers most lookups of absent keys (nearly all of them:
+    most rows are new) without a binary search; the rest are searched in sorted order, which keeps the
+    searches in cache."""
 
     MAX_RUN = 2**23
 
-    def __init__(self) -> None:
+    def __init__(self, bitmap_bits: int = 27) -> None:
         self.runs: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._mask = np.uint64(2**bitmap_bits - 1)
+        self._bitmap = np.zeros(2 ** (bitmap_bits - 3), dtype=np.uint8)
+
+    def _maybe(self, values: np.ndarray) -> np.ndarray:
+        """Indices of the values the bitmap cannot rule out, ordered by value."""
+        low = values.astype(np.uint64) & self._mask
+        maybe = np.flatnonzero((self._bitmap[low >> np.uint64(3)] >> (low & np.uint64(7)).astype(np.uint8)) & 1)
+        return maybe[np.argsort(values[maybe], kind="stable")]
 
     def contains(self, values: np.ndarray) -> np.ndarray:
         found = np.zeros(values.shape, dtype=bool)
+        maybe = self._maybe(values)
         for keys, _ in self.runs:
-            at = np.minimum(np.searchsorted(keys, values), len(keys) - 1)
-            found |= keys[at] == values
+            at = np.minimum(np.searchsorted(keys, values[maybe]), len(keys) - 1)
+            found[maybe] |= keys[at] == values[maybe]
         return found
 
     def matches(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(index into values, id) for every stored key equal to a value."""
         queries, ids = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.uint32)]
+        maybe = self._maybe(values)
         for keys, run_ids in self.runs:
-            left, right = np.searchsorted(keys, values, "left"), np.searchsorted(keys, values, "right")
-            count = right - left
-            hit = np.flatnonzero(count)
-            if len(hit):
-                repeats = count[hit]
-                offsets = np.arange(int(repeats.sum())) - np.repeat(np.cumsum(repeats) - repeats, repeats)
-                queries.append(np.repeat(hit, repeats))
-                ids.append(run_ids[np.repeat(left[hit], repeats) + offsets])
+            left = np.minimum(np.searchsorted(keys, values[maybe], "left"), len(keys) - 1)
+            equal = keys[left] == values[maybe]
+            if not equal.any():
+                continue
+            hit, start = maybe[equal], left[equal]
+            repeats = np.searchsorted(keys, values[hit], "right") - start
+            offsets = np.arange(int(repeats.sum())) - np.repeat(np.cumsum(repeats) - repeats, repeats)
+            queries.append(np.repeat(hit, repeats))
+            ids.append(run_ids[np.repeat(start, repeats) + offsets])
         return np.concatenate(queries), np.concatenate(ids)
 
     def add(self, values: np.ndarray, ids: np.ndarray | None = None) -> None:
         if not values.size:
             return
+        low = values.ravel().astype(np.uint64) & self._mask
+        np.bitwise_or.at(self._bitmap, low >> np.uint64(3), np.left_shift(1, low & np.uint64(7)).astype(np.uint8))
         self.runs.append(_sorted_run(values.ravel(), ids))
         while len(self.runs) > 1 and len(self.runs[-1][0]) * 4 >= len(self.runs[-2][0]) and \
                 len(self.runs[-2][0]) + len(self.runs[-1][0]) <= self.MAX_RUN:
@@ -76,7 +93,7 @@ class SortedKeys:
 
     @property
     def nbytes(self) -> int:
-        return sum(keys.nbytes + (0 if ids is None else ids.nbytes) for keys, ids in self.runs)
+        return self._bitmap.nbytes + sum(keys.nbytes + (0 if ids is None else ids.nbytes) for keys, ids in self.runs)
 
 
 def _sorted_run(keys: np.ndarray, ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -119,8 +136,8 @@ class Deduplicator:
 
     def __init__(self, section: DedupSection, spill_dir: Path):
         self.section = section
-        self._exact = SortedKeys()
-        self._bands = SortedKeys()
+        self._exact = SortedKeys(bitmap_bits=27)  # 16 MB
+        self._bands = SortedKeys(bitmap_bits=30)  # 128 MB: several keys a row
         self._store = SignatureStore(Path(spill_dir) / f".signatures-{id(self)}.bin", section.num_perm) if section.near else None
 
     def __enter__(self) -> Deduplicator:
