@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "data"
 TINY_PREFIX = "tiny:"
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+TINY_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 
 # Metrics the evaluation stage produces, and whether a higher value is better.
 METRICS: dict[str, bool] = {"exact_match": True, "eval_loss": False}
@@ -28,7 +28,7 @@ class ModelSection(Section):
     base: str = Field(
         "tiny:llama",
         description="Base model: a hub id (e.g. meta-llama/Llama-3.2-1B-Instruct), a local folder, or "
-        "tiny:llama | tiny:mistral | tiny:qwen2 | tiny:qwen3 for a small random model built locally.",
+        "tiny:llama | tiny:mistral | tiny:mixtral | tiny:qwen2 | tiny:qwen3 for a small random model built locally.",
     )
     revision: str | None = Field(
         None, description="Hub revision (commit, tag or branch) to pin; recorded in the artifact's lineage."
@@ -150,10 +150,25 @@ class LoraSection(Section):
     r: int = Field(16, gt=0, le=512, description="LoRA rank. Higher adds capacity and memory; vLLM serves ranks up to 512.")
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input. 0 lets unsloth use its fast path.")
-    target_modules: Literal["attention", "all-linear"] | list[str] = Field(
+    target_modules: Literal["attention", "all-linear", "experts"] | list[str] = Field(
         "all-linear",
-        description="Which linear layers get adapters: a preset (attention | all-linear) resolved by the model "
-        "family, or explicit module names.",
+        description="Which layers get adapters: a preset resolved by the model family (attention | all-linear | "
+        "experts: a mixture-of-experts model's expert weights besides attention), or explicit module names.",
+    )
+    use_dora: bool = Field(False, description="DoRA (weight-decomposed LoRA). vLLM does not serve DoRA adapters: export ships the merged model.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r), which keeps high ranks stable. Served by vLLM.")
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head). vLLM does not serve "
+        "such adapters: export ships the merged model.",
+    )
+
+
+class QuantizationSection(Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the QLoRA base (bitsandbytes).")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too (saves ~0.4 bits a weight).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the 4-bit layers compute in; auto: bfloat16 on GPUs that have it, float16 on others, float32 on CPU."
     )
 
 
@@ -166,6 +181,7 @@ class TrainingSection(Section):
         "auto", description="unsloth (FastLanguageModel), hf (transformers + peft), or auto: unsloth when it imports."
     )
     lora: LoraSection = Field(default_factory=LoraSection)
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection, description="The 4-bit base of adapter: qlora.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training rows (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps; overrides epochs.")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of the adapter weights.")
@@ -191,6 +207,23 @@ class TrainingSection(Section):
         if self.min_trained_token_fraction >= self.max_trained_token_fraction:
             raise ValueError("min_trained_token_fraction must be below max_trained_token_fraction")
         return self
+
+    @model_validator(mode="after")
+    def _backend_can_run_it(self) -> "TrainingSection":
+        if self.backend == "unsloth" and (reasons := unsloth_cannot_run(self)):
+            raise ValueError(f"backend unsloth cannot run this recipe ({'; '.join(reasons)}); use backend: hf or auto")
+        return self
+
+
+def unsloth_cannot_run(training: TrainingSection) -> list[str]:
+    """What in a training section unsloth's loader does not support (auto then picks hf)."""
+    quantization = training.quantization
+    reasons = []
+    if training.adapter == "qlora" and quantization.quant_type != "nf4":
+        reasons.append(f"quantization.quant_type={quantization.quant_type}: unsloth loads 4-bit bases as nf4")
+    if training.adapter == "qlora" and not quantization.double_quant:
+        reasons.append("quantization.double_quant=false: unsloth always double-quantises")
+    return reasons
 
 
 class Gate(Section):

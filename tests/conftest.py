@@ -59,10 +59,10 @@ def corpus(sample_rows) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_refs(corpus):
     """One tiny model per family (2 layers, fixed seed), built from the sample corpus."""
-    from recipes.schema import ModelSection
+    from recipes.schema import TINY_FAMILIES, ModelSection
     from training.models import resolve_base
 
-    return {family: resolve_base(ModelSection(base=f"tiny:{family}"), lambda: corpus) for family in ("llama", "mistral", "qwen2", "qwen3")}
+    return {family: resolve_base(ModelSection(base=f"tiny:{family}"), lambda: corpus) for family in TINY_FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -25,21 +25,28 @@ GOLDEN = {
     "<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\nA2<|im_end|>\n",
 }
 GOLDEN["qwen3"] = GOLDEN["qwen2"]
-GENERATION_PROMPT = {"llama": "<|start_header_id|>assistant<|end_header_id|>\n\n", "mistral": "", "qwen2": "<|im_start|>assistant\n", "qwen3": "<|im_start|>assistant\n"}
-COMPLETION = {"llama": "A2<|eot_id|>", "mistral": "A2</s>", "qwen2": "A2<|im_end|>\n", "qwen3": "A2<|im_end|>\n"}
+GOLDEN["mixtral"] = GOLDEN["mistral"]
+GENERATION_PROMPT = {"llama": "<|start_header_id|>assistant<|end_header_id|>\n\n", "mistral": "", "mixtral": "", "qwen2": "<|im_start|>assistant\n",
+                     "qwen3": "<|im_start|>assistant\n"}
+COMPLETION = {"llama": "A2<|eot_id|>", "mistral": "A2</s>", "mixtral": "A2</s>", "qwen2": "A2<|im_end|>\n", "qwen3": "A2<|im_end|>\n"}
 
 
 def test_unknown_family_lists_the_supported_ones():
     with pytest.raises(UnsupportedFamilyError) as info:
         family_for("gpt2")
-    assert str(info.value) == "model_type 'gpt2' is not supported; supported families: llama, mistral, qwen2, qwen3"
+    assert str(info.value) == "model_type 'gpt2' is not supported; supported families: llama, mistral, mixtral, qwen2, qwen3"
 
 
 def test_registry_names_vllm_architectures_and_presets():
-    assert {f.architecture for f in FAMILIES.values()} == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+    assert {f.architecture for f in FAMILIES.values()} == {"LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
+                                                         "Qwen3ForCausalLM"}
     assert family_for("llama").target_modules("attention") == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert len(family_for("qwen2").target_modules("all-linear")) == 7
     assert family_for("mistral").target_modules(["q_proj"]) == ["q_proj"]
+    assert family_for("mixtral").lora_targets("all-linear") == (["q_proj", "k_proj", "v_proj", "o_proj"], ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    assert family_for("mixtral").lora_targets("experts") == ([], ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    with pytest.raises(UnsupportedFamilyError, match="llama has no expert layers"):
+        family_for("llama").lora_targets("experts")
 
 
 @pytest.mark.parametrize("family", sorted(GOLDEN))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-from recipes.schema import LoraSection, TrainingSection
+from recipes.schema import TrainingSection, unsloth_cannot_run
 from training.families import Family
 from training.models import BaseModelRef
 
@@ -19,8 +19,9 @@ class BackendError(RuntimeError):
     pass
 
 
-def choose_backend(requested: str) -> tuple[str, str]:
-    """Return (backend, why) for auto | unsloth | hf."""
+def choose_backend(training: TrainingSection) -> tuple[str, str]:
+    """Return (backend, why) for training.backend auto | unsloth | hf."""
+    requested = training.backend
     if requested == "hf":
         return "hf", "requested by training.backend=hf"
     if importlib.util.find_spec("unsloth") is None:
@@ -29,6 +30,8 @@ def choose_backend(requested: str) -> tuple[str, str]:
         return "hf", "auto: unsloth is not installed"
     if requested == "unsloth":
         return "unsloth", "requested by training.backend=unsloth"
+    if reasons := unsloth_cannot_run(training):
+        return "hf", "auto: " + "; ".join(reasons)
     return "unsloth", "auto: unsloth imports"
 
 
@@ -38,6 +41,14 @@ def training_dtype():
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def compute_dtype(training: TrainingSection):
+    """The dtype QLoRA's 4-bit layers compute in."""
+    import torch
+
+    name = training.quantization.compute_dtype
+    return training_dtype() if name == "auto" else getattr(torch, name)
 
 
 def load_unsloth(ref: BaseModelRef, training: TrainingSection, trust_remote_code: bool):
@@ -52,15 +63,20 @@ def load_unsloth(ref: BaseModelRef, training: TrainingSection, trust_remote_code
         trust_remote_code=trust_remote_code,
     )
     lora = training.lora
+    modules, parameters = ref.family.lora_targets(lora.target_modules)
     return FastLanguageModel.get_peft_model(
         model,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=ref.family.target_modules(lora.target_modules),
+        target_modules=modules,
+        target_parameters=parameters or None,
+        use_rslora=lora.use_rslora,
+        modules_to_save=lora.modules_to_save or None,
         bias="none",
         use_gradient_checkpointing=False,
         random_state=training.seed,
+        **({"use_dora": True} if lora.use_dora else {}),
     )
 
 
@@ -72,28 +88,35 @@ def load_hf(ref: BaseModelRef, training: TrainingSection, trust_remote_code: boo
     dtype = training_dtype()
     kwargs = {}
     if training.adapter == "qlora":
+        quantization = training.quantization
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_type=quantization.quant_type,
+            bnb_4bit_use_double_quant=quantization.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype(training),
         )
     model = AutoModelForCausalLM.from_pretrained(
         ref.path, revision=ref.revision, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
     )
     if training.adapter == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=torch.cuda.is_available())
-    return get_peft_model(model, lora_config(training.lora, ref.family))
+    return get_peft_model(model, lora_config(training, ref.family))
 
 
-def lora_config(lora: LoraSection, family: Family):
+def lora_config(training: TrainingSection, family: Family):
     from peft import LoraConfig
 
+    lora = training.lora
+    modules, parameters = family.lora_targets(lora.target_modules)
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=family.target_modules(lora.target_modules),
+        target_modules=modules,
+        target_parameters=parameters or None,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        modules_to_save=lora.modules_to_save or None,
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -26,15 +26,29 @@ class Family:
     pad_candidates: tuple[str, ...]  # first one present in the vocabulary pads
     extra_special: tuple[str, ...]  # other special tokens the template uses
     lora_presets: dict[str, tuple[str, ...]]
+    # a mixture-of-experts model's expert weights: 3-D parameters (one slice per expert), adapted through
+    # peft's target_parameters rather than as linear modules
+    expert_parameters: tuple[str, ...] = ()
+    tiny_config: tuple[tuple[str, object], ...] = ()  # extra config values for the tiny model of this family
 
     @property
     def chat_template(self) -> str:
         return (TEMPLATES_DIR / self.template).read_text(encoding="utf-8")
 
     def target_modules(self, preset_or_names: str | list[str]) -> list[str]:
+        return self.lora_targets(preset_or_names)[0]
+
+    def lora_targets(self, preset_or_names: str | list[str]) -> tuple[list[str], list[str]]:
+        """(module names, parameter names) a LoRA preset or an explicit list of module names adapts:
+        all-linear on a mixture-of-experts model is attention plus the experts; experts is the experts alone."""
         if isinstance(preset_or_names, list):
-            return preset_or_names
-        return list(self.lora_presets[preset_or_names])
+            return preset_or_names, []
+        if preset_or_names == "experts" or (preset_or_names == "all-linear" and self.expert_parameters):
+            if not self.expert_parameters:
+                raise UnsupportedFamilyError(f"lora.target_modules=experts: {self.model_type} has no expert layers (mixtral has)")
+            modules = list(ATTENTION) if preset_or_names == "all-linear" else []
+            return modules, list(self.expert_parameters)
+        return list(self.lora_presets[preset_or_names]), []
 
 
 _PRESETS = {"attention": ATTENTION, "all-linear": ATTENTION + MLP}
@@ -78,6 +92,12 @@ FAMILIES: dict[str, Family] = {
 
 # Qwen3 shares Qwen2's ChatML template and tokens; only the architecture differs.
 FAMILIES["qwen3"] = replace(FAMILIES["qwen2"], model_type="qwen3", architecture="Qwen3ForCausalLM", config_class="Qwen3Config")
+# Mixtral is Mistral's tokenizer and template with sparse mixture-of-experts MLPs.
+FAMILIES["mixtral"] = replace(
+    FAMILIES["mistral"], model_type="mixtral", architecture="MixtralForCausalLM", config_class="MixtralConfig",
+    expert_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    tiny_config=(("num_local_experts", 4), ("num_experts_per_tok", 2)),
+)
 
 
 class UnsupportedFamilyError(ValueError):

@@ -80,6 +80,7 @@ def build_tiny_model(family: Family, corpus: Iterable[str], out_dir: Path, seed:
         initializer_range=INIT_STD,
         **TINY_SHAPE,
         **({"head_dim": TINY_SHAPE["hidden_size"] // TINY_SHAPE["num_attention_heads"]} if family.model_type == "qwen3" else {}),
+        **dict(family.tiny_config),
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -19,7 +19,9 @@ log = logging.getLogger("training.worker")
 def main(spec_path: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     spec = json.loads(Path(spec_path).read_text())
-    backend, why = choose_backend(spec["training"]["backend"])
+    from recipes.schema import TrainingSection
+
+    backend, why = choose_backend(TrainingSection.model_validate(spec["training"]))
     if backend == "unsloth":
         import unsloth  # noqa: F401  (must come before transformers, trl and peft)
     log.info("backend: %s (%s)", backend, why)
