@@ -81,3 +81,52 @@ def test_flow_publishes_an_artifact_per_stage_and_fails_on_the_gate(prefect_serv
 
     assert asyncio.run(artifact_keys()) == {"data-report", "training-summary", "evaluation", "gate-decision"}
     assert not list(tmp_path.glob("*/artifact"))
+
+
+def _worker_pids(under: Path) -> list[int]:
+    """PIDs of training workers whose spec lies under a folder."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"training.worker" in args and any(str(under).encode() in a for a in args):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_training_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path):
+    """SIGKILL the training worker after a checkpoint, run the same command again: training resumes from that
+    step (not 0), a half-written checkpoint is set aside, and the run ends with the same number of steps."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from training.checkpoints import SEAL, problem, step_of
+
+    command = [sys.executable, "-m", "flows.cli", "run", "quickstart", "--set", "training.save_steps=20", "--set", "training.max_steps=150",
+               "--set", "evaluation.max_samples=20", "--set", "evaluation.generation.max_new_tokens=24", "--output-dir", str(tmp_path)]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 400
+    while not list(tmp_path.glob(f"*/training/checkpoints/checkpoint-40/{SEAL}")):
+        assert first.poll() is None and time.monotonic() < deadline, "training ended or stalled before its second checkpoint"
+        time.sleep(0.2)
+    pids = _worker_pids(tmp_path)
+    assert pids, "no training worker found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert first.wait(timeout=120) != 0
+    checkpoints = tmp_path.glob("*/training/checkpoints/checkpoint-*")
+    resume_step = max(step_of(c) for c in checkpoints if problem(c) is None)
+    assert 40 <= resume_step < 150
+
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    training_dir = next(tmp_path.glob("*/training"))
+    assert f"resumed from checkpoint at step {resume_step} " in (training_dir / "train.log").read_text()
+    result = json.loads((training_dir / "result.json").read_text())
+    assert result["steps"] == 150 and result["resumed_at_step"] == resume_step

@@ -74,3 +74,62 @@ def test_wandb_offline_run_is_written(prepared_small, tmp_path):
     run_dir = Path(info["dir"])
     assert run_dir.name.startswith("offline-run-") and run_dir.is_relative_to(tmp_path)
     assert list(run_dir.glob("*.wandb")), "offline run has no .wandb event file"
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+def test_mixtral_adapts_attention_and_expert_weights(prepared_small, tmp_path, backend):
+    result = run_training(prepared_small, tmp_path, family="mixtral", backend=backend, max_steps=2)
+    config = adapter_config(result)
+    assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert sorted(config["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert result.metrics["steps"] == 2 and result.metrics["backend"] == backend
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+def test_dora_rslora_and_modules_to_save_reach_the_adapter(prepared_small, tmp_path, backend):
+    lora = {"target_modules": "attention", "use_dora": True, "use_rslora": True, "modules_to_save": ["lm_head"]}
+    result = run_training(prepared_small, tmp_path, backend=backend, max_steps=2, lora=lora)
+    config = adapter_config(result)
+    assert config["use_dora"] is True and config["use_rslora"] is True and config["modules_to_save"] == ["lm_head"]
+    from safetensors import safe_open
+
+    with safe_open(str(Path(result.adapter_path) / "adapter_model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+    assert any("lora_magnitude_vector" in n for n in names), "no DoRA magnitudes saved"
+    assert any("lm_head" in n and "lora" not in n for n in names), "lm_head not saved in full"
+
+
+def test_fp4_qlora_runs_on_hf_and_auto_says_why(prepared_small, tmp_path):
+    quantization = {"quant_type": "fp4", "double_quant": False, "compute_dtype": "float32"}
+    m = run_training(prepared_small, tmp_path, adapter="qlora", max_steps=1, quantization=quantization).metrics
+    assert m["backend"] == "hf" and m["base_4bit_layers"] > 0
+    assert m["backend_reason"] == ("auto: quantization.quant_type=fp4: unsloth loads 4-bit bases as nf4; "
+                                   "quantization.double_quant=false: unsloth always double-quantises")
+
+
+def test_a_combination_unsloth_cannot_run_fails_at_validate():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="backend unsloth cannot run this recipe .quantization.quant_type=fp4"):
+        TrainingSection(backend="unsloth", adapter="qlora", quantization={"quant_type": "fp4"})
+    TrainingSection(backend="unsloth", adapter="lora", quantization={"quant_type": "fp4"})  # unused without qlora
+
+
+def test_partial_and_corrupt_checkpoints_are_set_aside_for_the_previous_one(tmp_path, caplog):
+    from training.checkpoints import latest_good, seal
+
+    folder = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        checkpoint = folder / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "adapter_model.safetensors").write_bytes(b"weights %d" % step)
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        if step != 30:  # checkpoint-30: the process died while writing it
+            seal(checkpoint)
+    (folder / "checkpoint-20" / "adapter_model.safetensors").write_bytes(b"weights 2X")  # same size, other bytes
+    with caplog.at_level("WARNING", logger="training.checkpoints"):
+        assert latest_good(folder) == (folder / "checkpoint-10", 10)
+    assert sorted(p.name for p in folder.iterdir()) == ["bad-checkpoint-20", "bad-checkpoint-30", "checkpoint-10"]
+    assert "skipping checkpoint-30: never finished" in caplog.text
+    assert "skipping checkpoint-20: adapter_model.safetensors does not match its checksum" in caplog.text
+    assert latest_good(tmp_path / "none") is None

@@ -10,6 +10,7 @@ from recipes.schema import TrainingSection
 from data_prep.formats import kind_of
 from data_prep.readers import DataError
 from training.tokenize import IGNORE, Encoded, MaskingError, check_end_of_turn_trained, check_trained_fraction, encode_chat
+from training.checkpoints import seal
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,13 @@ def build_trainer(model, tokenizer, dataset, training: TrainingSection, run_dir:
             if logs and "loss" in logs:
                 log.info("step %d/%d loss %.4f lr %.2e", state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", 0.0))
 
+    class SealCheckpoints(TrainerCallback):
+        """Marks a checkpoint complete once the Trainer has written all of it (see training.checkpoints)."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                seal(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
     on_gpu = torch.cuda.is_available()
     config = SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
@@ -130,7 +138,8 @@ def build_trainer(model, tokenizer, dataset, training: TrainingSection, run_dir:
         disable_tqdm=True,
         dataset_num_proc=None,
     )
-    trainer = CheckedSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[LogLoss()])
+    trainer = CheckedSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                callbacks=[LogLoss(), SealCheckpoints()])
     return trainer, stats
 
 

@@ -40,12 +40,12 @@ def run(spec: dict, backend: str, why: str) -> dict:
     import torch
     from datasets import Dataset
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from data_prep.files import atomic_write_json
     from data_prep.prepare import read_jsonl
     from recipes.schema import ModelSection, TrackingSection, TrainingSection
     from training.backends import load_hf, load_unsloth
+    from training.checkpoints import latest_good
     from training.models import BaseModelRef, load_tokenizer
     from training.sft import build_trainer, check_collated_batch, tokenize_rows
 
@@ -69,9 +69,10 @@ def run(spec: dict, backend: str, why: str) -> dict:
     trainer, stats = build_trainer(model, tokenizer, dataset, training, run_dir, report_to=["wandb"] if wandb_run else [])
     check_collated_batch(trainer, tokenized.examples, tokenizer.eos_token_id, training)
 
-    checkpoint = get_last_checkpoint(str(run_dir / "checkpoints")) if (run_dir / "checkpoints").is_dir() else None
+    found = latest_good(run_dir / "checkpoints")
+    checkpoint, resumed_step = (str(found[0]), found[1]) if found else (None, 0)
     if checkpoint:
-        log.info("resuming from checkpoint %s", checkpoint)
+        log.info("resumed from checkpoint at step %d (%s)", resumed_step, checkpoint)
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=checkpoint)
     runtime = time.perf_counter() - started
@@ -101,6 +102,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
         "batch_trained_fraction": stats.summary(),
         "tokens_per_s": round(stats.tokens / runtime, 1) if runtime else None,
         "resumed_from": checkpoint,
+        "resumed_at_step": resumed_step,
         "wandb": _finish_wandb(wandb_run),
     }
     log.info("trained %d steps in %.1fs, loss %s", result["steps"], runtime, result["final_logged_loss"])
