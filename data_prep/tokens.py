@@ -42,7 +42,7 @@ def token_lengths(tokenizer, rows: list[dict]) -> list[int]:
 def filter_token_lengths(data: PreparedData, section: DataSection, tokenizer, max_tokens: int, tokenizer_id: str) -> PreparedData:
     """Remove rows under min_tokens; drop (or keep for truncation) rows over max_tokens; record the lengths.
     Filtering the same data with the same tokenizer and limits again is a no-op."""
-    key = f"{data.cache_key}|{tokenizer_id}|{section.min_tokens}|{max_tokens}|{section.overlong}"
+    key = f"{data.cache_key}|{tokenizer_id}|{section.min_tokens}|{max_tokens}|{section.overlong}|2"
     if data.token_lengths.get("key") == key:
         return data
     out_dir = Path(data.train_path).parent
@@ -54,6 +54,7 @@ def filter_token_lengths(data: PreparedData, section: DataSection, tokenizer, ma
         stats[split] = {"kept": kept, "removed_too_short": short, "removed_too_long": long_, "kept_over_max_for_truncation": truncated}
     atomic_write_text(out_dir / "too_long.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in too_long))
     stats["train_percentiles"] = percentiles(lengths)
+    stats["train_tokens"] = sum(lengths)
     stats["histogram"] = str(out_dir / "token_lengths.png") if lengths else None
     if lengths:
         draw_histogram(lengths, max_tokens, out_dir / "token_lengths.png")

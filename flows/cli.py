@@ -14,6 +14,7 @@ from pathlib import Path
 from recipes import Recipe, RecipeError, load_recipe
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+GPU_CHOICES = ("h100", "a100-80g", "l4")  # training.estimate.GPUS, named here so the parser stays import-light
 STAGE_LOGGERS = "data_prep,training,evaluation,serving"
 
 EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_FAILED = 0, 1, 2, 3
@@ -36,7 +37,18 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a recipe and print its resolved summary")
     _recipe_args(validate)
+    validate.add_argument("--gpu", choices=GPU_CHOICES, help="also warn when training will not fit this GPU's memory")
     validate.set_defaults(handler=_validate)
+
+    estimate = sub.add_parser("estimate", help="parameters, peak GPU memory, tokens, time and cost of a recipe's training",
+                              description=_estimate_rules())
+    _recipe_args(estimate)
+    estimate.add_argument("--gpu", choices=GPU_CHOICES, required=True)
+    estimate.add_argument("--tokens-per-s", type=float, help="your measured training throughput (default: estimated)")
+    estimate.add_argument("--usd-per-hour", type=float, help="the GPU's price (default: the stated on-demand price)")
+    estimate.add_argument("--output-dir", default="runs", help="folder that holds run folders; the data is prepared there as `ftpipe prepare` would")
+    estimate.formatter_class = argparse.RawDescriptionHelpFormatter
+    estimate.set_defaults(handler=_estimate)
 
     schema = sub.add_parser("schema", help="print the recipe's JSON schema")
     schema.set_defaults(handler=_schema)
@@ -71,8 +83,85 @@ def _load(args) -> Recipe:
 
 
 def _validate(args) -> int:
-    print(summary(_load(args)))
+    recipe = _load(args)
+    config = _model_config(recipe)
+    if isinstance(config, str):
+        print(f"note: {config}; the model-specific checks run when training starts", file=sys.stderr)
+    else:
+        from training.families import adapter_problems, family_for
+
+        try:
+            problems = adapter_problems(family_for(config.model_type), recipe.training.lora)
+        except ValueError as exc:
+            problems = [f"model: {exc}"]
+        if problems:
+            raise RecipeError(problems)
+    print(summary(recipe))
+    if args.gpu and not isinstance(config, str):
+        for line in _fit_warnings(recipe, config, args.gpu):
+            print(line, file=sys.stderr)
     return EXIT_OK
+
+
+def _model_config(recipe: Recipe):
+    """The base model's config without downloading anything (a tiny model's is known without building it),
+    or why it is not available."""
+    from recipes.schema import TINY_PREFIX
+
+    if recipe.model.base.startswith(TINY_PREFIX):
+        from training.families import family_for
+        from training.tiny import tiny_config
+
+        return tiny_config(family_for(recipe.model.base[len(TINY_PREFIX):]))
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(recipe.model.base, revision=recipe.model.revision, local_files_only=True,
+                                          trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        return f"the config of {recipe.model.base!r} is not available offline ({' '.join(str(exc).split())[:200]})"
+
+
+def _fit_warnings(recipe: Recipe, config, gpu: str) -> list[str]:
+    from training.estimate import GPUS, estimate
+    from training.families import family_for
+
+    return estimate(config, family_for(config.model_type), recipe.training, GPUS[gpu], tokens_per_epoch=0, rows=0).warnings()
+
+
+def _estimate(args) -> int:
+    import logging
+    from dataclasses import replace
+
+    from transformers import AutoConfig
+
+    from data_prep.prepare import prepare_data
+    from data_prep.tokens import filter_token_lengths
+    from flows.finetune import run_folder
+    from training.estimate import GPUS, estimate
+    from training.models import load_tokenizer, resolve_base
+    from training.train import training_corpus
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # stage logs to the terminal, not to Prefect
+    recipe = _load(args)
+    gpu = GPUS[args.gpu] if args.usd_per_hour is None else replace(GPUS[args.gpu], usd_per_hour=args.usd_per_hour)
+    data = prepare_data(recipe.data, run_folder(recipe, args.output_dir) / "data")
+    base = resolve_base(recipe.model, lambda: training_corpus(data), corpus_key=data.cache_key)
+    max_tokens = recipe.data.max_tokens or recipe.training.max_seq_length
+    data = filter_token_lengths(data, recipe.data, load_tokenizer(base, recipe.model), max_tokens,
+                                tokenizer_id=f"{base.path}@{base.revision}|{recipe.model.chat_template}")
+    config = AutoConfig.from_pretrained(base.path, revision=base.revision, trust_remote_code=recipe.model.trust_remote_code)
+    result = estimate(config, base.family, recipe.training, gpu, data.token_lengths["train_tokens"], data.train_rows, args.tokens_per_s)
+    print(f"recipe: {recipe.name}, model {recipe.model.base}, {data.train_rows:,} training rows")
+    print("\n".join(result.lines()))
+    return EXIT_OK
+
+
+def _estimate_rules() -> str:
+    import ast
+
+    source = (Path(__file__).resolve().parent.parent / "training" / "estimate.py").read_text()
+    return ast.get_docstring(ast.parse(source)) or ""
 
 
 def summary(recipe: Recipe) -> str:

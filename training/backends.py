@@ -9,7 +9,7 @@ import importlib.util
 import logging
 
 from recipes.schema import TrainingSection, unsloth_cannot_run
-from training.families import Family
+from training.families import Family, UnsupportedFamilyError, adapter_problems
 from training.models import BaseModelRef
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ def load_unsloth(ref: BaseModelRef, training: TrainingSection, trust_remote_code
         trust_remote_code=trust_remote_code,
     )
     lora = training.lora
+    if problems := adapter_problems(ref.family, lora):
+        raise UnsupportedFamilyError("; ".join(problems))
     modules, parameters = ref.family.lora_targets(lora.target_modules)
     return FastLanguageModel.get_peft_model(
         model,
@@ -107,6 +109,8 @@ def lora_config(training: TrainingSection, family: Family):
     from peft import LoraConfig
 
     lora = training.lora
+    if problems := adapter_problems(family, lora):
+        raise UnsupportedFamilyError("; ".join(problems))
     modules, parameters = family.lora_targets(lora.target_modules)
     return LoraConfig(
         r=lora.r,

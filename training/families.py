@@ -104,6 +104,22 @@ class UnsupportedFamilyError(ValueError):
     pass
 
 
+def adapter_problems(family: Family, lora) -> list[str]:
+    """What in a recipe's lora section this family's model cannot take (peft adapts expert weights, 3-D
+    parameters, with a wrapper that has no DoRA and no dropout)."""
+    try:
+        _, parameters = family.lora_targets(lora.target_modules)
+    except UnsupportedFamilyError as exc:
+        return [f"training.lora.target_modules: {exc}"]
+    problems = []
+    if parameters and lora.use_dora:
+        problems.append(f"training.lora.use_dora: peft cannot apply DoRA to {family.model_type}'s expert weights; "
+                        "use lora.target_modules: attention, or use_dora: false")
+    if parameters and lora.dropout:
+        problems.append(f"training.lora.dropout: peft applies no dropout to {family.model_type}'s expert weights; use dropout: 0")
+    return problems
+
+
 def family_for(model_type: str) -> Family:
     """The family of a config's model_type, or a clear error listing the supported ones."""
     try:

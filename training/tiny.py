@@ -69,25 +69,31 @@ def build_tiny_model(family: Family, corpus: Iterable[str], out_dir: Path, seed:
     import transformers
 
     tokenizer = train_tokenizer(family, corpus)
-    config_class = getattr(transformers, family.config_class)
-    config = config_class(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=MAX_POSITIONS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        initializer_range=INIT_STD,
-        **TINY_SHAPE,
-        **({"head_dim": TINY_SHAPE["hidden_size"] // TINY_SHAPE["num_attention_heads"]} if family.model_type == "qwen3" else {}),
-        **dict(family.tiny_config),
-    )
+    config = tiny_config(family, len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def tiny_config(family: Family, vocab_size: int = VOCAB_SIZE, **token_ids):
+    """The transformers config of a family's tiny model."""
+    import transformers
+
+    config_class = getattr(transformers, family.config_class)
+    return config_class(
+        vocab_size=vocab_size,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=False,
+        initializer_range=INIT_STD,
+        **TINY_SHAPE,
+        **({"head_dim": TINY_SHAPE["hidden_size"] // TINY_SHAPE["num_attention_heads"]} if family.model_type == "qwen3" else {}),
+        **dict(family.tiny_config),
+        **token_ids,
+    )
 
 
 def train_tokenizer(family: Family, corpus: Iterable[str]):

@@ -26,12 +26,13 @@ def main(spec_path: str) -> None:
         import unsloth  # noqa: F401  (must come before transformers, trl and peft)
     log.info("backend: %s (%s)", backend, why)
     from data_prep.readers import DataError
+    from training.families import UnsupportedFamilyError
     from training.models import ModelLoadError
     from training.tokenize import MaskingError
 
     try:
         result = run(spec, backend, why)
-    except (MaskingError, ModelLoadError, DataError) as exc:  # input problems: hand them back as themselves
+    except (MaskingError, ModelLoadError, DataError, UnsupportedFamilyError) as exc:  # input problems: hand them back as themselves
         result = {"error": type(exc).__name__, "message": str(exc)}
     Path(spec["result_path"]).write_text(json.dumps(result, indent=2))
 
