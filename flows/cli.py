@@ -232,13 +232,14 @@ def exit_code_for(error: object) -> int:
     from data_prep.formats import RowError
     from data_prep.readers import DataError
     from evaluation.gates import GateRejected
+    from training.backends import BackendError
     from training.families import UnsupportedFamilyError
     from training.models import ModelLoadError
     from training.tokenize import MaskingError
 
     if isinstance(error, GateRejected):
         return EXIT_GATE
-    if isinstance(error, (RecipeError, DataError, RowError, ModelLoadError, MaskingError, UnsupportedFamilyError)):
+    if isinstance(error, (RecipeError, DataError, RowError, ModelLoadError, MaskingError, UnsupportedFamilyError, BackendError)):
         return EXIT_INPUT
     return EXIT_FAILED
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from recipes.schema import ModelSection, TrackingSection, TrainingSection
 from training.tokenize import MaskingError
@@ -133,3 +134,50 @@ def test_partial_and_corrupt_checkpoints_are_set_aside_for_the_previous_one(tmp_
     assert "skipping checkpoint-30: never finished" in caplog.text
     assert "skipping checkpoint-20: adapter_model.safetensors does not match its checksum" in caplog.text
     assert latest_good(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("backend", ["auto", "hf"])
+def test_packing_trains_with_rows_kept_apart(prepared_small, tmp_path, backend):
+    m = run_training(prepared_small, tmp_path, backend=backend, max_steps=2, packing=True).metrics
+    assert m["steps"] == 2 and m["packing_isolation_max_logit_diff"] < 1e-3
+    assert m["backend"] == "hf"  # off GPU unsloth would train the rows unpacked without saying so
+    if backend == "auto":
+        assert m["backend_reason"] == "auto: training.packing without a GPU: unsloth turns packing off there"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_unsloth_packing_without_a_gpu_is_refused_with_the_reason(prepared_small, tmp_path):
+    from training.backends import BackendError
+
+    with pytest.raises(BackendError, match="unsloth cannot run this recipe here .training.packing without a GPU"):
+        run_training(prepared_small, tmp_path, backend="unsloth", max_steps=1, packing=True)
+
+
+def test_packing_check_fails_when_attention_crosses_rows(tiny_refs):
+    """A model that ignores the restarted positions lets the second packed row see the first: caught."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from training.sft import check_packing_isolated
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_refs["llama"].path)
+
+    class IgnoresPositions(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, input_ids, position_ids=None, use_cache=None):
+            return self.inner(input_ids=input_ids, use_cache=use_cache)
+
+    rows = [{"input_ids": list(range(5, 25)), "labels": list(range(5, 25))}, {"input_ids": list(range(30, 45)), "labels": list(range(30, 45))}]
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    assert check_packing_isolated(SimpleNamespace(data_collator=collator, model=model), rows) < 1e-3
+    with pytest.raises(MaskingError, match="training.packing: attention crosses packed row boundaries"):
+        check_packing_isolated(SimpleNamespace(data_collator=collator, model=IgnoresPositions()), rows)
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)
+    with pytest.raises(MaskingError, match="does not pack rows padding-free"):
+        check_packing_isolated(SimpleNamespace(data_collator=padded, model=model), rows)

@@ -28,11 +28,24 @@ def choose_backend(training: TrainingSection) -> tuple[str, str]:
         if requested == "unsloth":
             raise BackendError("training.backend=unsloth but unsloth is not installed; install it or use backend: hf")
         return "hf", "auto: unsloth is not installed"
+    reasons = unsloth_cannot_run(training) + _unsloth_cannot_run_here(training)
     if requested == "unsloth":
+        if reasons:
+            raise BackendError(f"training.backend=unsloth cannot run this recipe here ({'; '.join(reasons)}); use backend: hf or auto")
         return "unsloth", "requested by training.backend=unsloth"
-    if reasons := unsloth_cannot_run(training):
+    if reasons:
         return "hf", "auto: " + "; ".join(reasons)
     return "unsloth", "auto: unsloth imports"
+
+
+def _unsloth_cannot_run_here(training: TrainingSection) -> list[str]:
+    """What unsloth does not do on this machine (found by running it: without a GPU it trains packed
+    recipes unpacked, silently)."""
+    import torch
+
+    if training.packing and not torch.cuda.is_available():
+        return ["training.packing without a GPU: unsloth turns packing off there"]
+    return []
 
 
 def training_dtype():

@@ -138,6 +138,7 @@ def build_trainer(model, tokenizer, dataset, training: TrainingSection, run_dir:
         disable_tqdm=True,
         dataset_num_proc=None,
     )
+    model.config.use_cache = False  # a KV cache in training forwards would also stop transformers from masking packed rows apart
     trainer = CheckedSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                                 callbacks=[LogLoss(), SealCheckpoints()])
     return trainer, stats
@@ -156,3 +157,40 @@ def check_collated_batch(trainer, examples: list[dict], end_of_turn_id: int, tra
         )
     if training.packing and (labels == end_of_turn_id).sum().item() == 0:
         raise MaskingError(f"after packing, no end-of-turn token (id {end_of_turn_id}) carries a label")
+
+
+PACKING_TOLERANCE = 1e-3
+
+
+def check_packing_isolated(trainer, examples: list[dict]) -> float:
+    """With packing, rows share a sequence: each must see only itself. Two rows are collated as the trainer
+    packs them, and the second row's logits inside the pack are compared with its logits alone; a difference
+    means attention crossed the row boundary. Returns the largest difference."""
+    import torch
+
+    batch = trainer.data_collator([dict(e) for e in examples[:2]])
+    position_ids = batch.get("position_ids")
+    if position_ids is None or batch["input_ids"].shape[0] != 1:
+        raise MaskingError("training.packing: the trainer does not pack rows padding-free (no restarted positions for each "
+                           "row), so packed rows would attend to each other or not be packed at all; use packing: false")
+    ids, positions = batch["input_ids"][0], position_ids[0]
+    start = int((positions == 0).nonzero().flatten()[1])  # where the second row begins
+    model = trainer.model
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            # no KV cache, as in training: transformers finds packed rows from position_ids only without one
+            packed = model(input_ids=ids[None].to(device), position_ids=positions[None].to(device), use_cache=False).logits[0, start:]
+            alone = model(input_ids=ids[None, start:].to(device), position_ids=positions[None, start:].to(device), use_cache=False).logits[0]
+    finally:
+        model.train(was_training)
+    difference = float((packed.float() - alone.float()).abs().max())
+    if difference > PACKING_TOLERANCE:
+        raise MaskingError(
+            f"training.packing: attention crosses packed row boundaries with attn_implementation="
+            f"{model.config._attn_implementation!r} (a row's logits change by {difference:.3g} when packed after another); "
+            "use packing: false"
+        )
+    return difference

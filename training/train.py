@@ -13,6 +13,7 @@ from data_prep.prepare import PreparedData, read_jsonl
 from data_prep.formats import row_texts
 from data_prep.readers import DataError
 from recipes.schema import ModelSection, TrackingSection, TrainingSection
+from training.backends import BackendError
 from training.families import UnsupportedFamilyError
 from training.models import BaseModelRef, ModelLoadError, resolve_base
 from training.tokenize import MaskingError
@@ -78,7 +79,7 @@ def train(
     metrics = json.loads((out_dir / "result.json").read_text())
     if "error" in metrics:
         raise {"MaskingError": MaskingError, "ModelLoadError": ModelLoadError, "DataError": DataError,
-               "UnsupportedFamilyError": UnsupportedFamilyError}[metrics["error"]](metrics["message"])
+               "UnsupportedFamilyError": UnsupportedFamilyError, "BackendError": BackendError}[metrics["error"]](metrics["message"])
     return TrainResult(base=base, adapter_path=metrics.pop("adapter_path"),
                        tokenized_sample_path=str(out_dir / "tokenized_sample.json"), metrics=metrics)
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from training.backends import choose_backend
+from training.backends import BackendError, choose_backend
 
 log = logging.getLogger("training.worker")
 
@@ -21,7 +21,11 @@ def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     from recipes.schema import TrainingSection
 
-    backend, why = choose_backend(TrainingSection.model_validate(spec["training"]))
+    try:
+        backend, why = choose_backend(TrainingSection.model_validate(spec["training"]))
+    except BackendError as exc:
+        Path(spec["result_path"]).write_text(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+        return
     if backend == "unsloth":
         import unsloth  # noqa: F401  (must come before transformers, trl and peft)
     log.info("backend: %s (%s)", backend, why)
@@ -48,7 +52,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
     from training.backends import load_hf, load_unsloth
     from training.checkpoints import latest_good
     from training.models import BaseModelRef, load_tokenizer
-    from training.sft import build_trainer, check_collated_batch, tokenize_rows
+    from training.sft import build_trainer, check_collated_batch, check_packing_isolated, tokenize_rows
 
     training = TrainingSection.model_validate(spec["training"])
     model_section = ModelSection.model_validate(spec["model"])
@@ -69,6 +73,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
     wandb_run = _start_wandb(tracking, spec, run_dir)
     trainer, stats = build_trainer(model, tokenizer, dataset, training, run_dir, report_to=["wandb"] if wandb_run else [])
     check_collated_batch(trainer, tokenized.examples, tokenizer.eos_token_id, training)
+    packing_difference = check_packing_isolated(trainer, tokenized.examples) if training.packing else None
 
     found = latest_good(run_dir / "checkpoints")
     checkpoint, resumed_step = (str(found[0]), found[1]) if found else (None, 0)
@@ -104,6 +109,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
         "tokens_per_s": round(stats.tokens / runtime, 1) if runtime else None,
         "resumed_from": checkpoint,
         "resumed_at_step": resumed_step,
+        "packing_isolation_max_logit_diff": packing_difference,
         "wandb": _finish_wandb(wandb_run),
     }
     log.info("trained %d steps in %.1fs, loss %s", result["steps"], runtime, result["final_logged_loss"])
