@@ -11,13 +11,13 @@ import logging
 import os
 from pathlib import Path
 
+from data_prep.charts import draw_histogram
 from data_prep.files import atomic_write_text
 from data_prep.prepare import PreparedData, files_fingerprint, write_report
 from recipes.schema import DataSection
 
 log = logging.getLogger(__name__)
 BATCH = 256
-HISTOGRAM_BINS = 20
 
 
 def token_length(tokenizer, row: dict) -> int:
@@ -105,26 +105,3 @@ def percentiles(lengths: list[int]) -> dict[str, int]:
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": ordered[-1], "mean": round(sum(ordered) / len(ordered), 1)}
 
 
-def draw_histogram(lengths: list[int], max_tokens: int, path: Path) -> None:
-    """A PNG bar chart of training-row token lengths, with the max_tokens limit marked in red."""
-    from PIL import Image, ImageDraw
-
-    width, height, margin = 640, 320, 40
-    top = max(max(lengths), max_tokens)
-    bins = [0] * HISTOGRAM_BINS
-    for n in lengths:
-        bins[min(HISTOGRAM_BINS - 1, n * HISTOGRAM_BINS // (top + 1))] += 1
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    bar = (width - 2 * margin) / HISTOGRAM_BINS
-    for i, count in enumerate(bins):
-        h = (height - 2 * margin) * count / max(bins)
-        draw.rectangle([margin + i * bar + 1, height - margin - h, margin + (i + 1) * bar - 1, height - margin], fill=(70, 110, 180))
-    limit_x = margin + (width - 2 * margin) * max_tokens / (top + 1)
-    draw.line([limit_x, margin / 2, limit_x, height - margin], fill=(200, 40, 40), width=2)
-    draw.line([margin, height - margin, width - margin, height - margin], fill="black")
-    draw.text((margin, height - margin + 8), "0", fill="black")
-    draw.text((width - margin - 30, height - margin + 8), str(top), fill="black")
-    draw.text((margin, 8), f"token lengths of {len(lengths)} training rows (red: max_tokens={max_tokens})", fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from data_prep.prepare import PreparedData, prepare_data, source_fingerprint
 from data_prep.tokens import filter_token_lengths
@@ -14,7 +14,7 @@ from evaluation.evaluate import EvalResult, evaluate
 from evaluation.gates import GateDecision, GateRejected, decide
 from recipes import Recipe, recipe_hash
 from serving.export import ArtifactResult, export_artifact
-from flows.reports import data_report_markdown
+from flows.reports import data_report_markdown, training_summary_markdown
 from training.models import BaseModelRef, load_tokenizer, resolve_base
 from training.train import TrainResult, train, training_corpus
 
@@ -49,27 +49,17 @@ def filter_tokens_task(recipe: Recipe, data: PreparedData, base: BaseModelRef) -
 
 @task(name="train")
 def train_task(recipe: Recipe, data: PreparedData, base: BaseModelRef, run_dir: Path) -> TrainResult:
-    """Train the LoRA/QLoRA adapter."""
+    """Train the LoRA/QLoRA adapter; a progress artifact follows the steps, a summary ends the task."""
+    progress = create_progress_artifact(progress=0.0, key="training-progress", description="Training progress (optimizer steps)")
+
+    def on_progress(step: int, total: int) -> None:
+        update_progress_artifact(progress, progress=round(100 * step / max(total, 1), 1), description=f"step {step} of {total}")
+
     trained = train(recipe.training, recipe.model, recipe.tracking, data, run_dir / "training", base=base,
-                    run_name=recipe.name, run_config=recipe.model_dump(mode="json"))
-    m = trained.metrics
-    create_markdown_artifact(
-        key="training-summary",
-        markdown=f"""# Training: {recipe.name}
-| | |
-|---|---|
-| base model | `{trained.base.model_id}` ({trained.base.model_type}) |
-| backend | {m['backend']} ({m['backend_reason']}) on {m['device']} |
-| adapter | {recipe.training.adapter}, r={recipe.training.lora.r} |
-| steps / epochs | {m['steps']} / {m['epochs']} |
-| loss first / final | {m['first_logged_loss']} / {m['final_logged_loss']} |
-| rows (left out as too long) | {m['train_rows']} ({m['dropped_rows']}) |
-| tokens, trained share | {m['train_tokens']}, {m['trained_token_fraction']} |
-| tokens/s, runtime | {m['tokens_per_s']}, {m['runtime_s']} s |
-| wandb | {m['wandb'] or 'disabled'} |
-""",
-        description="Training summary",
-    )
+                    run_name=recipe.name, run_config=recipe.model_dump(mode="json"), on_progress=on_progress)
+    update_progress_artifact(progress, progress=100.0, description=f"done: {trained.metrics['steps']} steps")
+    create_markdown_artifact(key="training-summary", description="Training summary",
+                             markdown=training_summary_markdown(recipe.name, trained, recipe.training.adapter, recipe.training.lora.r))
     return trained
 
 

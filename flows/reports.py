@@ -5,6 +5,7 @@ import base64
 from pathlib import Path
 
 from data_prep.prepare import PreparedData
+from training.train import TrainResult
 
 
 def data_report_markdown(data: PreparedData) -> str:
@@ -20,11 +21,7 @@ def data_report_markdown(data: PreparedData) -> str:
     token_line = ", ".join(f"{k} {v}" for k, v in percentiles.items()) or "n/a"
     removed_tokens = {split: tokens.get(split, {}) for split in ("train", "eval")}
     contamination = data.contamination or {}
-    histogram = tokens.get("histogram")
-    image = ""
-    if histogram and Path(histogram).is_file():
-        encoded = base64.b64encode(Path(histogram).read_bytes()).decode()
-        image = f"\n![token length histogram](data:image/png;base64,{encoded})\n"
+    image = _embedded_png(tokens.get("histogram"), "token length histogram")
     return f"""# Data: {data.train_rows} train, {data.eval_rows} eval, {data.quarantined_rows} quarantined rows
 {'(reused: unchanged sources and data recipe)' if data.reused else ''}
 
@@ -40,3 +37,31 @@ Row kinds: {', '.join(f'{k}: {v}' for k, v in data.kinds.items())}. Quarantine: 
 
 Fingerprint `{data.fingerprint}`
 """
+
+
+def _embedded_png(path: str | None, alt: str) -> str:
+    """A PNG inlined as a data URI: the Prefect UI shows it without serving files."""
+    if not path or not Path(path).is_file():
+        return ""
+    return f"\n![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})\n"
+
+
+def training_summary_markdown(name: str, trained: TrainResult, adapter: str, rank: int) -> str:
+    """Steps, tokens, speed, memory, losses and the loss curve of a training run."""
+    m = trained.metrics
+    memory = m.get("peak_memory_mb") or {}
+    resumed = f"resumed from step {m['resumed_at_step']}" if m.get("resumed_at_step") else "from step 0"
+    return f"""# Training: {name}
+| | |
+|---|---|
+| base model | `{trained.base.model_id}` ({trained.base.model_type}) |
+| backend | {m['backend']} ({m['backend_reason']}) on {m['device']} |
+| adapter | {adapter}, r={rank} |
+| steps / epochs | {m['steps']} / {m['epochs']} ({resumed}) |
+| loss first / final / best | {m['first_logged_loss']} / {m['final_logged_loss']} / {m.get('best_logged_loss')} |
+| rows (left out as too long) | {m['train_rows']} ({m['dropped_rows']}) |
+| tokens in the data, trained share | {m['train_tokens']}, {m['trained_token_fraction']} |
+| tokens seen, tokens/s, runtime | {m.get('tokens_seen')}, {m['tokens_per_s']}, {m['runtime_s']} s |
+| peak memory | {memory.get('mb')} MB ({memory.get('device')}) |
+| wandb | {m['wandb'] or 'disabled'} |
+{_embedded_png(m.get('loss_curve_png'), 'training loss curve')}"""

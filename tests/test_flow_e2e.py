@@ -74,12 +74,17 @@ def test_flow_publishes_an_artifact_per_stage_and_fails_on_the_gate(prefect_serv
     assert state.is_failed()
     assert "gates failed: exact_match = 0.0000 fails >= 0.9" in state.message
 
-    async def artifact_keys():
+    async def artifacts():
         async with get_client() as client:
-            artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-            return {a.key for a in artifacts if a.key}  # keyless ones are Prefect's own result records
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+            return {a.key: a for a in found if a.key}  # keyless ones are Prefect's own result records
 
-    assert asyncio.run(artifact_keys()) == {"data-report", "training-summary", "evaluation", "gate-decision"}
+    published = asyncio.run(artifacts())
+    assert set(published) == {"data-report", "training-progress", "training-summary", "evaluation", "gate-decision"}
+    assert published["training-progress"].type == "progress" and published["training-progress"].data == 100.0
+    summary = published["training-summary"].data
+    assert "| steps / epochs | 3 /" in summary and "tokens seen" in summary and "peak memory" in summary
+    assert "![training loss curve](data:image/png;base64," in summary
     assert not list(tmp_path.glob("*/artifact"))
 
 

@@ -103,6 +103,12 @@ def build_trainer(model, tokenizer, dataset, training: TrainingSection, run_dir:
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     class LogLoss(TrainerCallback):
+        """Logs every logging_steps, and also the first and last steps, so a loss curve has its ends."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1 or state.global_step >= state.max_steps:
+                control.should_log = True
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 log.info("step %d/%d loss %.4f lr %.2e", state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", 0.0))

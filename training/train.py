@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from training.tokenize import MaskingError
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss ")  # what the worker logs every logging_steps
 
 
 class TrainingError(RuntimeError):
@@ -54,9 +57,11 @@ def train(
     base: BaseModelRef | None = None,
     run_name: str = "ftpipe",
     run_config: dict | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train a LoRA/QLoRA adapter on the prepared data; checkpoints and the adapter land in out_dir.
-    The base model is resolved from the recipe unless the caller already did (the flow does, once)."""
+    The base model is resolved from the recipe unless the caller already did (the flow does, once).
+    on_progress(step, total_steps) is called as the worker logs its steps."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = base or resolve_base(model, lambda: training_corpus(data))
@@ -75,7 +80,7 @@ def train(
     spec_path = out_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     (out_dir / "result.json").unlink(missing_ok=True)
-    _run_worker(spec_path, out_dir / "train.log")
+    _run_worker(spec_path, out_dir / "train.log", on_progress)
     metrics = json.loads((out_dir / "result.json").read_text())
     if "error" in metrics:
         raise {"MaskingError": MaskingError, "ModelLoadError": ModelLoadError, "DataError": DataError,
@@ -84,7 +89,7 @@ def train(
                        tokenized_sample_path=str(out_dir / "tokenized_sample.json"), metrics=metrics)
 
 
-def _run_worker(spec_path: Path, log_path: Path) -> None:
+def _run_worker(spec_path: Path, log_path: Path, on_progress: Callable[[int, int], None] | None = None) -> None:
     """Run training in a child process, relaying its output line by line to this logger and a log file."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
@@ -99,6 +104,8 @@ def _run_worker(spec_path: Path, log_path: Path) -> None:
             if line and not _noise(line):
                 log.info("%s", line)
                 tail = (tail + [line])[-15:]
+            if on_progress and (step := STEP_LINE.match(line)):
+                on_progress(int(step.group(1)), int(step.group(2)))
     if proc.returncode != 0:
         raise TrainingError(f"training worker failed (exit {proc.returncode}); last lines:\n" + "\n".join(tail) + f"\nfull log: {log_path}")
 

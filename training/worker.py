@@ -50,6 +50,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
     from data_prep.prepare import read_jsonl
     from recipes.schema import ModelSection, TrackingSection, TrainingSection
     from training.backends import load_hf, load_unsloth
+    from data_prep.charts import draw_curve
     from training.checkpoints import latest_good
     from training.models import BaseModelRef, load_tokenizer
     from training.sft import build_trainer, check_collated_batch, check_packing_isolated, tokenize_rows
@@ -86,7 +87,10 @@ def run(spec: dict, backend: str, why: str) -> dict:
     adapter_dir = run_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    losses = [loss for _, loss in curve]
+    if curve:
+        draw_curve(curve, "training loss by step", run_dir / "loss_curve.png")
     result = {
         "adapter_path": str(adapter_dir),
         "backend": backend,
@@ -106,6 +110,11 @@ def run(spec: dict, backend: str, why: str) -> dict:
         "train_tokens": tokenized.total_tokens,
         "trained_token_fraction": tokenized.trained_fraction,
         "batch_trained_fraction": stats.summary(),
+        "best_logged_loss": min(losses) if losses else None,
+        "loss_curve": [[step, loss] for step, loss in curve],
+        "loss_curve_png": str(run_dir / "loss_curve.png") if curve else None,
+        "tokens_seen": stats.tokens,
+        "peak_memory_mb": _peak_memory_mb(),
         "tokens_per_s": round(stats.tokens / runtime, 1) if runtime else None,
         "resumed_from": checkpoint,
         "resumed_at_step": resumed_step,
@@ -114,6 +123,17 @@ def run(spec: dict, backend: str, why: str) -> dict:
     }
     log.info("trained %d steps in %.1fs, loss %s", result["steps"], runtime, result["final_logged_loss"])
     return result
+
+
+def _peak_memory_mb() -> dict:
+    """Peak GPU memory allocated by tensors on CUDA; off GPU, the training process's peak RSS."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {"device": "cuda", "mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    return {"device": "cpu (process RSS)", "mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def _quiet_progress_bars() -> None:
