@@ -173,7 +173,10 @@ class QuantizationSection(Section):
 
 
 class TrainingSection(Section):
-    method: Literal["sft"] = Field("sft", description="Training method. sft: supervised fine-tuning on assistant turns.")
+    method: Literal["sft"] = Field("sft", description="Training method. sft: supervised fine-tuning (chat rows) and continued pre-training (text rows).")
+    loss_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Which tokens of a chat row carry the loss: assistant turns only, or the whole conversation. Text rows always train on all."
+    )
     adapter: Literal["lora", "qlora"] = Field(
         "lora", description="lora: 16/32-bit base + LoRA; qlora: base loaded in 4-bit nf4 (bitsandbytes) + LoRA."
     )

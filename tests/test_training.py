@@ -181,3 +181,20 @@ def test_packing_check_fails_when_attention_crosses_rows(tiny_refs):
     padded = DataCollatorForLanguageModeling(pad_token_id=0)
     with pytest.raises(MaskingError, match="does not pack rows padding-free"):
         check_packing_isolated(SimpleNamespace(data_collator=padded, model=model), rows)
+
+
+def test_continued_pretraining_on_text_rows_and_whole_conversation_loss(prepared_small, tmp_path):
+    from data_prep.prepare import prepare_data, read_jsonl
+    from recipes.schema import DataSection, DataSource
+    from tests.conftest import write_jsonl
+
+    texts = [{"text": " ".join(m["content"] for m in row["messages"])} for row in read_jsonl(prepared_small.train_path)[:120]]
+    section = DataSection(sources=[DataSource(path=str(write_jsonl(tmp_path / "text.jsonl", texts)))], workers=1, eval_fraction=0.2)
+    text_data = prepare_data(section, tmp_path / "data")
+    assert text_data.kinds == {"text": text_data.train_rows + text_data.eval_rows}
+    m = run_training(text_data, tmp_path / "cpt", max_steps=2).metrics
+    assert m["steps"] == 2 and m["trained_token_fraction"] > 0.95  # every token but the first carries a loss
+    whole = run_training(prepared_small, tmp_path / "all", max_steps=1, loss_on="all").metrics
+    assert whole["trained_token_fraction"] > 0.95
+    assistant_only = run_training(prepared_small, tmp_path / "assistant", max_steps=1).metrics
+    assert assistant_only["trained_token_fraction"] < 0.3

@@ -9,7 +9,7 @@ from pathlib import Path
 from recipes.schema import TrainingSection
 from data_prep.formats import kind_of
 from data_prep.readers import DataError
-from training.tokenize import IGNORE, Encoded, MaskingError, check_end_of_turn_trained, check_trained_fraction, encode_chat
+from training.tokenize import IGNORE, Encoded, MaskingError, check_end_of_turn_trained, check_trained_fraction, encode_chat, encode_text
 from training.checkpoints import seal
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ class TokenizedRows:
     total_tokens: int
     trained_fraction: float
     truncated: int = 0
+    whole_text: bool = False  # some rows carry a loss on every token (text rows, or training.loss_on=all)
 
 
 def tokenize_rows(tokenizer, rows: list[dict], training: TrainingSection, run_dir: Path, overlong: str = "drop") -> TokenizedRows:
@@ -32,11 +33,10 @@ def tokenize_rows(tokenizer, rows: list[dict], training: TrainingSection, run_di
     (overlong=truncate, the data recipe's choice); check the labels."""
     examples, sample, too_long = [], [], []
     trained = total = truncated = 0
+    whole_text = training.loss_on == "all"
     for number, row in enumerate(rows, start=1):
-        if "messages" not in row:
-            raise DataError(f"train.jsonl row {number} is a {kind_of(row)} row; training.method=sft trains on chat rows "
-                            "(conversations, instruction or prompt/completion data)")
-        encoded = encode_chat(tokenizer, row["messages"])
+        encoded = _encode(tokenizer, row, number, training)
+        whole_text |= "text" in row
         if len(encoded.input_ids) > training.max_seq_length and overlong == "truncate":
             encoded = Encoded(encoded.input_ids[: training.max_seq_length], encoded.labels[: training.max_seq_length])
             truncated += 1
@@ -46,7 +46,7 @@ def tokenize_rows(tokenizer, rows: list[dict], training: TrainingSection, run_di
         else:
             check_end_of_turn_trained(encoded, tokenizer.eos_token_id, number)
         examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
-        if len(sample) < SAMPLE_ROWS:
+        if len(sample) < SAMPLE_ROWS and "messages" in row:
             sample.append({"messages": row["messages"], "input_ids": encoded.input_ids, "prompt_length": encoded.prompt_length})
         trained += encoded.trained_tokens
         total += len(encoded.input_ids)
@@ -56,8 +56,24 @@ def tokenize_rows(tokenizer, rows: list[dict], training: TrainingSection, run_di
         log.warning("%d rows longer than training.max_seq_length=%d were left out; listed in %s", len(too_long), training.max_seq_length, path)
     if not examples:
         raise MaskingError(f"no training rows fit training.max_seq_length={training.max_seq_length}")
-    fraction = check_trained_fraction(trained, total, training.min_trained_token_fraction, training.max_trained_token_fraction, "training data")
-    return TokenizedRows(examples, sample, len(too_long), total, round(fraction, 4), truncated)
+    fraction = check_trained_fraction(trained, total, training.min_trained_token_fraction, upper_fraction(training, whole_text), "training data")
+    return TokenizedRows(examples, sample, len(too_long), total, round(fraction, 4), truncated, whole_text)
+
+
+def _encode(tokenizer, row: dict, number: int, training: TrainingSection) -> Encoded:
+    """Chat rows: loss on assistant turns (or on everything with loss_on=all); text rows: on everything."""
+    if "text" in row:
+        return encode_text(tokenizer, row["text"])
+    if "messages" not in row:
+        raise DataError(f"train.jsonl row {number} is a {kind_of(row)} row; training.method=sft trains on chat and text rows "
+                        "(preference rows are for DPO)")
+    encoded = encode_chat(tokenizer, row["messages"])
+    return Encoded(encoded.input_ids, list(encoded.input_ids)) if training.loss_on == "all" else encoded
+
+
+def upper_fraction(training: TrainingSection, whole_text: bool) -> float:
+    """The largest plausible share of trained tokens: with whole-text loss every token trains."""
+    return 1.0 if whole_text else training.max_trained_token_fraction
 
 
 @dataclass
@@ -83,13 +99,13 @@ class BatchStats:
                 "mean": round(sum(self.fractions) / len(self.fractions), 4)}
 
 
-def build_trainer(model, tokenizer, dataset, training: TrainingSection, run_dir: Path, report_to: list[str]):
+def build_trainer(model, tokenizer, dataset, training: TrainingSection, run_dir: Path, report_to: list[str], whole_text: bool = False):
     """An SFTTrainer over the pre-tokenized dataset, configured from the recipe's training section."""
     import torch
     from transformers import Trainer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    stats = BatchStats(training.min_trained_token_fraction, training.max_trained_token_fraction)
+    stats = BatchStats(training.min_trained_token_fraction, upper_fraction(training, whole_text))
 
     class CheckedSFTTrainer(SFTTrainer):
         """Counts trained tokens per batch. Off GPU, trl's fused LM head (a Triton kernel) cannot run, so the

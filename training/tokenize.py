@@ -64,6 +64,13 @@ def encode_chat(tokenizer, messages: list[dict]) -> Encoded:
     return Encoded(input_ids, labels)
 
 
+def encode_text(tokenizer, text: str) -> Encoded:
+    """Plain text for continued pre-training: every token carries a loss, and the end-of-text token closes it
+    (so the model learns where documents end)."""
+    input_ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    return Encoded(input_ids, list(input_ids))
+
+
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """What a server feeds the model for this conversation minus its final assistant turn."""
     return ids_of(tokenizer, render(tokenizer, messages[:-1], add_generation_prompt=True))

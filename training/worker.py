@@ -72,7 +72,8 @@ def run(spec: dict, backend: str, why: str) -> dict:
     quantized_layers = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
     dataset = Dataset.from_list(tokenized.examples)
     wandb_run = _start_wandb(tracking, spec, run_dir)
-    trainer, stats = build_trainer(model, tokenizer, dataset, training, run_dir, report_to=["wandb"] if wandb_run else [])
+    trainer, stats = build_trainer(model, tokenizer, dataset, training, run_dir, report_to=["wandb"] if wandb_run else [],
+                                   whole_text=tokenized.whole_text)
     check_collated_batch(trainer, tokenized.examples, tokenizer.eos_token_id, training)
     packing_difference = check_packing_isolated(trainer, tokenized.examples) if training.packing else None
 
