@@ -48,7 +48,7 @@ def evaluate(section: EvaluationSection, model_section: ModelSection, trained: T
     references = [messages[-1]["content"] for messages in conversations]
     tokenizer = AutoTokenizer.from_pretrained(trained.adapter_path)  # the tokenizer training used, template included
 
-    model = load_model(trained.base.path, trained.base.revision, trust_remote_code=model_section.trust_remote_code)
+    model = load_model(trained.base.path, trained.base.revision, trust_remote_code=model_section.trust_remote_code, tokenizer=tokenizer)
     base_out, base_metrics = _score(model, tokenizer, conversations, references, section)
     model = PeftModel.from_pretrained(model, trained.adapter_path).eval()
     cand_out, cand_metrics = _score(model, tokenizer, conversations, references, section)

@@ -6,14 +6,19 @@ import math
 from training.tokenize import IGNORE, encode_chat, prompt_ids
 
 
-def load_model(path: str, revision: str | None = None, dtype: str | None = None, trust_remote_code: bool = False):
-    """A causal LM for inference: 16-bit weights on GPU, float32 on CPU (never quantized)."""
+def load_model(path: str, revision: str | None = None, dtype: str | None = None, trust_remote_code: bool = False, tokenizer=None):
+    """A causal LM for inference: 16-bit weights on GPU, float32 on CPU (never quantized). Given the tokenizer
+    training used, the embeddings grow to its vocabulary (tokens added for the chat template), as in training."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from training.models import fit_embeddings
 
     if dtype is None:
         dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 

@@ -82,6 +82,8 @@ def check_adapter_servable(adapter_config: dict, max_lora_rank: int = 512) -> li
     problems = []
     if adapter_config.get("modules_to_save"):
         problems.append(f"modules_to_save {adapter_config['modules_to_save']} (full lm_head/embedding copies) is not served by vLLM LoRA")
+    if adapter_config.get("trainable_token_indices"):
+        problems.append("trainable_token_indices (embeddings of tokens added for the chat template) are not served by vLLM LoRA")
     if adapter_config.get("use_dora"):
         problems.append("DoRA adapters are not served by vLLM LoRA")
     if adapter_config.get("bias", "none") != "none":

@@ -86,7 +86,8 @@ def _write_merged(section: ExportSection, model_section: ModelSection, trained: 
 
     from evaluation.generate import load_model
 
-    base = load_model(trained.base.path, trained.base.revision, dtype="float32", trust_remote_code=model_section.trust_remote_code)
+    base = load_model(trained.base.path, trained.base.revision, dtype="float32", trust_remote_code=model_section.trust_remote_code,
+                      tokenizer=tokenizer)
     adapted = PeftModel.from_pretrained(base, trained.adapter_path).eval()
     reference = _greedy_reference(adapted, tokenizer, prompts)
     merged = adapted.merge_and_unload()

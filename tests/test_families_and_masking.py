@@ -128,3 +128,27 @@ def test_tiny_model_cache_is_reused(corpus):
     assert tiny_model_path("qwen2", lambda: corpus[:100]) != first
     keyed = tiny_model_path("qwen2", lambda: corpus, corpus_key="data-key")
     assert tiny_model_path("qwen2", lambda: pytest.fail("a keyed model is found without reading its corpus"), corpus_key="data-key") == keyed
+
+
+def test_missing_template_and_pad_tokens_are_added_not_spelled_out(corpus, tmp_path):
+    """A base tokenizer without the family's end-of-turn and pad tokens: both are added as single special tokens;
+    the end-of-turn row is trained, the pad row never is."""
+    from dataclasses import replace
+
+    from recipes.schema import ModelSection
+    from training.backends import new_token_rows
+    from training.models import BaseModelRef, load_tokenizer
+    from training.tiny import train_tokenizer
+
+    bare = replace(FAMILIES["llama"], end_of_turn="<|end_of_text|>", pad_candidates=("<|end_of_text|>",),
+                   extra_special=("<|start_header_id|>", "<|end_header_id|>"))
+    base_tokenizer = train_tokenizer(bare, corpus[:200])
+    base_tokenizer.pad_token = None  # like Llama 3 base: no pad token at all
+    base_tokenizer.save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(BaseModelRef("base", None, str(tmp_path), "llama"), ModelSection(base=str(tmp_path)))
+    eot, pad = tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.convert_tokens_to_ids("<|finetune_right_pad_id|>")
+    assert tokenizer.eos_token_id == eot and tokenizer.pad_token_id == pad and eot != pad
+    assert tokenizer.ftpipe_added_ids == [eot, pad]
+    assert new_token_rows(tokenizer) == {"embed_tokens": [eot], "lm_head": [eot]}
+    rendered = tokenizer.apply_chat_template(CONVERSATION[1:3], tokenize=True, return_dict=True)["input_ids"]
+    assert rendered.count(eot) == 2  # one token per turn end, not spelled out

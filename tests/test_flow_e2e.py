@@ -135,3 +135,31 @@ def test_training_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path):
     assert f"resumed from checkpoint at step {resume_step} " in (training_dir / "train.log").read_text()
     result = json.loads((training_dir / "result.json").read_text())
     assert result["steps"] == 150 and result["resumed_at_step"] == resume_step
+
+
+@pytest.mark.slow
+def test_a_base_model_without_the_templates_tokens_gets_them_trained_and_exported(tmp_path, corpus):
+    """A base model whose vocabulary lacks the chat template's end-of-turn token: the token is added, its
+    embedding and output rows are trained, and the merged export carries the grown vocabulary."""
+    from dataclasses import replace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from training.families import FAMILIES
+    from training.tiny import build_tiny_model
+
+    base = tmp_path / "llama-base"
+    build_tiny_model(replace(FAMILIES["llama"], end_of_turn="<|end_of_text|>", extra_special=("<|start_header_id|>", "<|end_header_id|>")),
+                     corpus, base)
+    assert "<|eot_id|>" not in AutoTokenizer.from_pretrained(base).get_vocab()
+    result = run_ftpipe("run", "quickstart", "--set", f"model.base={base}", "--set", "evaluation.gates=[]", "--set", SHORT_EVAL,
+                        "--output-dir", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lacks <|eot_id|> (used by the chat template): added" in result.stderr
+    artifact = Path(result.stdout.strip().splitlines()[-1].removeprefix("artifact: "))
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(artifact / "model")
+    assert tokenizer.eos_token == "<|eot_id|>" and AutoConfig.from_pretrained(artifact / "model").vocab_size == len(tokenizer)
+    assert manifest["merge"]["equivalence"]["passed"] and check_merged_model(artifact / "model") == []
+    assert not manifest["adapter"]["vllm_servable"] and "trainable_token_indices" in manifest["adapter"]["vllm_problems"][0]
+    assert manifest["evaluation"]["candidate"]["exact_match"] >= 0.8  # answers end with the new token, or they would not match

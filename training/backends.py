@@ -10,7 +10,7 @@ import logging
 
 from recipes.schema import TrainingSection, unsloth_cannot_run
 from training.families import Family, UnsupportedFamilyError, adapter_problems
-from training.models import BaseModelRef
+from training.models import BaseModelRef, fit_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def compute_dtype(training: TrainingSection):
     return training_dtype() if name == "auto" else getattr(torch, name)
 
 
-def load_unsloth(ref: BaseModelRef, training: TrainingSection, trust_remote_code: bool):
+def load_unsloth(ref: BaseModelRef, training: TrainingSection, trust_remote_code: bool, tokenizer):
     from unsloth import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(
@@ -75,6 +75,7 @@ def load_unsloth(ref: BaseModelRef, training: TrainingSection, trust_remote_code
         load_in_4bit=training.adapter == "qlora",
         trust_remote_code=trust_remote_code,
     )
+    fit_embeddings(model, tokenizer)
     lora = training.lora
     if problems := adapter_problems(ref.family, lora):
         raise UnsupportedFamilyError("; ".join(problems))
@@ -92,10 +93,11 @@ def load_unsloth(ref: BaseModelRef, training: TrainingSection, trust_remote_code
         use_gradient_checkpointing=False,
         random_state=training.seed,
         **({"use_dora": True} if lora.use_dora else {}),
+        **({"trainable_token_indices": new_token_rows(tokenizer)} if new_token_rows(tokenizer) else {}),
     )
 
 
-def load_hf(ref: BaseModelRef, training: TrainingSection, trust_remote_code: bool):
+def load_hf(ref: BaseModelRef, training: TrainingSection, trust_remote_code: bool, tokenizer):
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -113,12 +115,13 @@ def load_hf(ref: BaseModelRef, training: TrainingSection, trust_remote_code: boo
     model = AutoModelForCausalLM.from_pretrained(
         ref.path, revision=ref.revision, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
     )
+    fit_embeddings(model, tokenizer)
     if training.adapter == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=torch.cuda.is_available())
-    return get_peft_model(model, lora_config(training, ref.family))
+    return get_peft_model(model, lora_config(training, ref.family, new_token_rows(tokenizer)))
 
 
-def lora_config(training: TrainingSection, family: Family):
+def lora_config(training: TrainingSection, family: Family, token_rows: dict | None = None):
     from peft import LoraConfig
 
     lora = training.lora
@@ -134,6 +137,14 @@ def lora_config(training: TrainingSection, family: Family):
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
         modules_to_save=lora.modules_to_save or None,
+        trainable_token_indices=token_rows or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def new_token_rows(tokenizer) -> dict[str, list[int]]:
+    """Embedding and output rows of tokens added for the chat template: trained (peft trainable tokens), or the
+    model could neither read nor write them."""
+    ids = [i for i in getattr(tokenizer, "ftpipe_added_ids", []) if i != tokenizer.pad_token_id]
+    return {"embed_tokens": ids, "lm_head": ids} if ids else {}

@@ -66,19 +66,45 @@ def load_tokenizer(ref: BaseModelRef, section: ModelSection):
         raise ModelLoadError(f"model.base: cannot load the tokenizer of {ref.model_id!r}: {_first_line(exc)}") from None
     family = ref.family
     tokenizer.chat_template = _chat_template(section, tokenizer, family)
+    added = _add_template_tokens(tokenizer, family, ref.model_id)
     vocab = tokenizer.get_vocab()
     if family.end_of_turn in vocab:
         tokenizer.eos_token = family.end_of_turn
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         pad = next((t for t in family.pad_candidates if t in vocab and vocab[t] != tokenizer.eos_token_id), None)
         if pad is None:
-            raise ModelLoadError(
-                f"model.base: {ref.model_id!r} has no pad token distinct from its eos {tokenizer.eos_token!r} "
-                f"(tried {', '.join(family.pad_candidates)}); padding with eos would hide eos from the loss"
-            )
+            pad = family.pad_candidates[0]
+            added += _add_tokens(tokenizer, [pad], ref.model_id, "pad (never trained: padding carries no loss)")
         tokenizer.pad_token = pad
     tokenizer.padding_side = "right"
+    tokenizer.ftpipe_added_ids = added  # new embedding rows that training must learn (not saved; recomputed on load)
     return tokenizer
+
+
+def _add_template_tokens(tokenizer, family: Family, model_id: str) -> list[int]:
+    """The family's special tokens that the chat template writes but the vocabulary lacks (a base model given an
+    instruct template): added as special tokens, so they stay one token each instead of being spelled out."""
+    template = tokenizer.chat_template or ""
+    vocab = tokenizer.get_vocab()
+    wanted = [t for t in dict.fromkeys((family.bos_token, family.end_of_turn, *family.extra_special)) if t and t in template and t not in vocab]
+    return _add_tokens(tokenizer, wanted, model_id, "used by the chat template")
+
+
+def _add_tokens(tokenizer, tokens: list[str], model_id: str, why: str) -> list[int]:
+    if not tokens:
+        return []
+    tokenizer.add_tokens(tokens, special_tokens=True)
+    log.warning("model.base %r lacks %s (%s): added; their embeddings are trained and the export ships a merged model",
+                model_id, ", ".join(tokens), why)
+    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+
+
+def fit_embeddings(model, tokenizer) -> bool:
+    """Grow the embedding matrices when the tokenizer has ids beyond them (tokens added for the template)."""
+    if len(tokenizer) <= model.get_input_embeddings().weight.shape[0]:
+        return False
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return True
 
 
 def _chat_template(section: ModelSection, tokenizer, family: Family) -> str:

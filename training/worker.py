@@ -68,7 +68,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
     tokenized = tokenize_rows(tokenizer, rows, training, run_dir, spec.get("overlong", "drop"))
     atomic_write_json(run_dir / "tokenized_sample.json", tokenized.sample)
     loader = load_unsloth if backend == "unsloth" else load_hf
-    model = loader(ref, training, model_section.trust_remote_code)
+    model = loader(ref, training, model_section.trust_remote_code, tokenizer)
     quantized_layers = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
     dataset = Dataset.from_list(tokenized.examples)
     wandb_run = _start_wandb(tracking, spec, run_dir)
