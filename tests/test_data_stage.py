@@ -107,16 +107,19 @@ def test_credentials_come_from_a_prefect_secret_block(prefect_server, tmp_path):
     assert str(info.value).startswith("memory://secure/rows.jsonl: cannot load credentials block 'no-such-block'")
 
 
-def test_training_refuses_text_rows_for_sft_with_the_row_named(tmp_path):
+def test_training_refuses_preference_rows_for_sft_with_the_row_named(tmp_path):
     from recipes.schema import ModelSection, TrackingSection, TrainingSection
     from training.train import train
 
-    rows = rows_of_lengths([3] * 30) + [{"text": f"plain document number {i} " * 3} for i in range(10)]
+    preference = [{"prompt": [{"role": "user", "content": f"question {i}"}], "chosen": [{"role": "assistant", "content": "good"}],
+                   "rejected": [{"role": "assistant", "content": f"bad {i}"}]} for i in range(10)]
+    rows = rows_of_lengths([3] * 30) + preference
     section = DataSection(sources=[DataSource(path=str(write_jsonl(tmp_path / "r.jsonl", rows)))], workers=1, dedup={"near": False})
     data = prepare_data(section, tmp_path / "data")
     with pytest.raises(DataError) as info:
         train(TrainingSection(max_steps=1), ModelSection(), TrackingSection(), data, tmp_path / "training")
-    assert str(info.value).startswith("train.jsonl row ") and " is a text row; training.method=sft trains on chat rows" in str(info.value)
+    assert str(info.value).startswith("train.jsonl row ")
+    assert " is a preference row; training.method=sft trains on chat and text rows (preference rows are for DPO)" in str(info.value)
 
 
 @pytest.mark.slow
