@@ -16,6 +16,7 @@ from recipes import Recipe, recipe_hash
 from serving.export import ArtifactResult, export_artifact
 from flows.reports import data_report_markdown, training_summary_markdown
 from training.models import BaseModelRef, load_tokenizer, resolve_base
+from training.tracking import log_evaluation
 from training.train import TrainResult, train, training_corpus
 
 
@@ -67,6 +68,8 @@ def train_task(recipe: Recipe, data: PreparedData, base: BaseModelRef, run_dir: 
 def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_dir: Path) -> EvalResult:
     """Score base and candidate on the same held-out rows."""
     result = evaluate(recipe.evaluation, recipe.model, trained, data, run_dir / "eval")
+    log_evaluation(trained.metrics.get("wandb"), {f"eval/{who}_{k}": v for who, values in (("base", result.base), ("candidate", result.candidate))
+                                                   for k, v in values.items()})
     create_table_artifact(
         key="evaluation",
         table=[{"metric": k, "base": round(result.base[k], 4), "candidate": round(result.candidate[k], 4),

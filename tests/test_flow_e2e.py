@@ -69,7 +69,8 @@ def test_flow_publishes_an_artifact_per_stage_and_fails_on_the_gate(prefect_serv
 
     from flows.finetune import finetune
 
-    recipe = load_recipe(QUICKSTART, ["training.max_steps=3", "evaluation.max_samples=8", "evaluation.generation.max_new_tokens=8"])
+    recipe = load_recipe(QUICKSTART, ["training.max_steps=3", "evaluation.max_samples=8", "evaluation.generation.max_new_tokens=8",
+                                      "tracking.mode=offline"])
     state = finetune(recipe, output_dir=str(tmp_path), return_state=True)
     assert state.is_failed()
     assert "gates failed: exact_match = 0.0000 fails >= 0.9" in state.message
@@ -85,6 +86,8 @@ def test_flow_publishes_an_artifact_per_stage_and_fails_on_the_gate(prefect_serv
     summary = published["training-summary"].data
     assert "| steps / epochs | 3 /" in summary and "tokens seen" in summary and "peak memory" in summary
     assert "![training loss curve](data:image/png;base64," in summary
+    wandb_runs = list(tmp_path.glob("*/training/wandb/offline-run-*"))
+    assert len(wandb_runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in wandb_runs}) == 1  # training, then its eval metrics
     assert not list(tmp_path.glob("*/artifact"))
 
 

@@ -74,7 +74,16 @@ def test_wandb_offline_run_is_written(prepared_small, tmp_path):
     assert info["mode"] == "offline" and info["url"] is None
     run_dir = Path(info["dir"])
     assert run_dir.name.startswith("offline-run-") and run_dir.is_relative_to(tmp_path)
-    assert list(run_dir.glob("*.wandb")), "offline run has no .wandb event file"
+    events = list(run_dir.glob("*.wandb"))
+    assert events, "offline run has no .wandb event file"
+    assert b"train/loss" in events[0].read_bytes() and b"train/learning_rate" in events[0].read_bytes()
+
+    from training.tracking import log_evaluation
+
+    log_evaluation(info, {"eval/candidate_exact_match": 0.75})
+    runs = sorted(run_dir.parent.glob(f"offline-run-*-{info['id']}"))
+    assert len(runs) == 2, runs  # the evaluation's part of the same run id, merged by `wandb sync`
+    assert any(b"eval/candidate_exact_match" in f.read_bytes() for r in runs for f in r.glob("*.wandb"))
 
 
 @pytest.mark.parametrize("backend", ["unsloth", "hf"])

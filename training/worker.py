@@ -52,6 +52,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
     from training.backends import load_hf, load_unsloth
     from data_prep.charts import draw_curve
     from training.checkpoints import latest_good
+    from training.tracking import finish_run, start_run
     from training.models import BaseModelRef, load_tokenizer
     from training.sft import build_trainer, check_collated_batch, check_packing_isolated, tokenize_rows
 
@@ -71,7 +72,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
     model = loader(ref, training, model_section.trust_remote_code, tokenizer)
     quantized_layers = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
     dataset = Dataset.from_list(tokenized.examples)
-    wandb_run = _start_wandb(tracking, spec, run_dir)
+    wandb_run = start_run(tracking, spec["run_name"], spec.get("run_config") or {}, run_dir)
     trainer, stats = build_trainer(model, tokenizer, dataset, training, run_dir, report_to=["wandb"] if wandb_run else [],
                                    whole_text=tokenized.whole_text)
     check_collated_batch(trainer, tokenized.examples, tokenizer.eos_token_id, training)
@@ -120,7 +121,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
         "resumed_from": checkpoint,
         "resumed_at_step": resumed_step,
         "packing_isolation_max_logit_diff": packing_difference,
-        "wandb": _finish_wandb(wandb_run),
+        "wandb": finish_run(wandb_run),
     }
     log.info("trained %d steps in %.1fs, loss %s", result["steps"], runtime, result["final_logged_loss"])
     return result
@@ -144,29 +145,6 @@ def _quiet_progress_bars() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-
-
-def _start_wandb(tracking, spec: dict, run_dir: Path):
-    if tracking.mode == "disabled":
-        return None
-    import os
-
-    import wandb
-
-    os.environ["WANDB_MODE"] = tracking.mode
-    os.environ.setdefault("WANDB_SILENT", "true")
-    (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
-    return wandb.init(
-        project=tracking.project, name=spec["run_name"], config=spec.get("run_config") or {}, dir=str(run_dir), mode=tracking.mode
-    )
-
-
-def _finish_wandb(run) -> dict | None:
-    if run is None:
-        return None
-    info = {"mode": run.settings.mode, "dir": str(Path(run.dir).parent), "url": run.url if run.settings.mode == "online" else None}
-    run.finish()
-    return info
 
 
 if __name__ == "__main__":
