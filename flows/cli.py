@@ -136,20 +136,16 @@ def _estimate(args) -> int:
     from transformers import AutoConfig
 
     from data_prep.prepare import prepare_data
-    from data_prep.tokens import filter_token_lengths
     from flows.finetune import run_folder
     from training.estimate import GPUS, estimate
-    from training.models import load_tokenizer, resolve_base
-    from training.train import training_corpus
+    from training.train import filter_for_model, resolve_base_for
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # stage logs to the terminal, not to Prefect
     recipe = _load(args)
     gpu = GPUS[args.gpu] if args.usd_per_hour is None else replace(GPUS[args.gpu], usd_per_hour=args.usd_per_hour)
     data = prepare_data(recipe.data, run_folder(recipe, args.output_dir) / "data")
-    base = resolve_base(recipe.model, lambda: training_corpus(data), corpus_key=data.cache_key)
-    max_tokens = recipe.data.max_tokens or recipe.training.max_seq_length
-    data = filter_token_lengths(data, recipe.data, load_tokenizer(base, recipe.model), max_tokens,
-                                tokenizer_id=f"{base.path}@{base.revision}|{recipe.model.chat_template}")
+    base = resolve_base_for(recipe.model, data)
+    data = filter_for_model(data, recipe.data, recipe.model, recipe.training, base)
     config = AutoConfig.from_pretrained(base.path, revision=base.revision, trust_remote_code=recipe.model.trust_remote_code)
     result = estimate(config, base.family, recipe.training, gpu, data.token_lengths["train_tokens"], data.train_rows, args.tokens_per_s)
     print(f"recipe: {recipe.name}, model {recipe.model.base}, {data.train_rows:,} training rows")

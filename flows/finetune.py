@@ -9,15 +9,14 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from data_prep.prepare import PreparedData, prepare_data, source_fingerprint
-from data_prep.tokens import filter_token_lengths
 from evaluation.evaluate import EvalResult, evaluate
 from evaluation.gates import GateDecision, GateRejected, decide
 from recipes import Recipe, recipe_hash
 from serving.export import ArtifactResult, export_artifact
 from flows.reports import data_report_markdown, training_summary_markdown
-from training.models import BaseModelRef, load_tokenizer, resolve_base
+from training.models import BaseModelRef
 from training.tracking import log_evaluation
-from training.train import TrainResult, train, training_corpus
+from training.train import TrainResult, filter_for_model, resolve_base_for, train
 
 
 def run_folder(recipe: Recipe, output_dir: str | Path) -> Path:
@@ -35,15 +34,13 @@ def prepare_data_task(recipe: Recipe, run_dir: Path) -> PreparedData:
 @task(name="resolve-model")
 def resolve_model_task(recipe: Recipe, data: PreparedData) -> BaseModelRef:
     """Find the base model (or build the tiny one from the prepared text, keyed by the data's cache key)."""
-    return resolve_base(recipe.model, lambda: training_corpus(data), corpus_key=data.cache_key)
+    return resolve_base_for(recipe.model, data)
 
 
 @task(name="filter-tokens")
 def filter_tokens_task(recipe: Recipe, data: PreparedData, base: BaseModelRef) -> PreparedData:
     """Token-length filter with the model's tokenizer and chat template; publish the data report."""
-    tokenizer = load_tokenizer(base, recipe.model)
-    max_tokens = recipe.data.max_tokens or recipe.training.max_seq_length
-    data = filter_token_lengths(data, recipe.data, tokenizer, max_tokens, tokenizer_id=f"{base.path}@{base.revision}|{recipe.model.chat_template}")
+    data = filter_for_model(data, recipe.data, recipe.model, recipe.training, base)
     create_markdown_artifact(key="data-report", markdown=data_report_markdown(data), description="Data preparation report")
     return data
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from data_prep.prepare import PreparedData, read_jsonl
 from data_prep.formats import row_texts
 from data_prep.readers import DataError
-from recipes.schema import ModelSection, TrackingSection, TrainingSection
+from recipes.schema import DataSection, ModelSection, TrackingSection, TrainingSection
 from training.backends import BackendError
 from training.families import UnsupportedFamilyError
-from training.models import BaseModelRef, ModelLoadError, resolve_base
+from training.models import BaseModelRef, ModelLoadError, load_tokenizer, resolve_base
 from training.tokenize import MaskingError
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,22 @@ class TrainResult:
 def training_corpus(data: PreparedData) -> list[str]:
     """The text a tiny model's tokenizer is trained on: every message of the training rows."""
     return [text for row in read_jsonl(data.train_path) for text in row_texts(row)]
+
+
+def resolve_base_for(model: ModelSection, data: PreparedData) -> BaseModelRef:
+    """The base model (a tiny one built from the prepared text, keyed by the data's cache key)."""
+    return resolve_base(model, lambda: training_corpus(data), corpus_key=data.cache_key)
+
+
+def filter_for_model(data: PreparedData, data_section: DataSection, model: ModelSection, training: TrainingSection,
+                     base: BaseModelRef) -> PreparedData:
+    """The token-length filter with the base model's tokenizer and chat template (max_tokens defaults to
+    training.max_seq_length); filtering again with the same model and limits is a no-op."""
+    from data_prep.tokens import filter_token_lengths
+
+    max_tokens = data_section.max_tokens or training.max_seq_length
+    return filter_token_lengths(data, data_section, load_tokenizer(base, model), max_tokens,
+                                tokenizer_id=f"{base.path}@{base.revision}|{model.chat_template}")
 
 
 def train(
