@@ -91,10 +91,6 @@ class SortedKeys:
             (newer, newer_ids), (older, older_ids) = self.runs.pop(), self.runs.pop()
             self.runs.append(_sorted_run(np.concatenate((older, newer)), None if ids is None else np.concatenate((older_ids, newer_ids))))
 
-    @property
-    def nbytes(self) -> int:
-        return self._bitmap.nbytes + sum(keys.nbytes + (0 if ids is None else ids.nbytes) for keys, ids in self.runs)
-
 
 def _sorted_run(keys: np.ndarray, ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     if ids is None:
@@ -204,10 +200,6 @@ class Deduplicator:
             for key in row_keys:
                 kept_by_key[key].append(row)
         return duplicates
-
-    @property
-    def nbytes(self) -> int:
-        return self._exact.nbytes + self._bands.nbytes
 
 
 def eval_prompt_text(row: dict) -> str:

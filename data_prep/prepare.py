@@ -165,7 +165,7 @@ class _Processor:
 
     def __init__(self, section: DataSection):
         self.section = section
-        self.pii_types = list(section.pii.types) if section.pii.redact else []
+        self.pii_types = redacted_types(section)
         self.worker_args = (self.pii_types, section.dedup.num_perm, section.contamination.ngram if section.contamination.check else None,
                             lsh_bands(section.dedup))
         self.pool = None
@@ -209,7 +209,7 @@ class _SplitWriter:
         self.section = section
         self.train_out, self.eval_out, self.quarantine, self.grams_out = train_out, eval_out, quarantine, grams_out
         self.kinds = kinds
-        self.pii_types = list(section.pii.types) if section.pii.redact else []
+        self.pii_types = redacted_types(section)
 
     def consume(self, source: DataSource, role: str, chunks: Iterator[ChunkResult], dedup: Deduplicator) -> SourceCounts:
         count = SourceCounts(path=source.name, role=role)
@@ -265,6 +265,11 @@ class _SplitWriter:
             gather = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
             self.grams_out.write(np.uint32(len(to_train)).tobytes() + sizes.astype(np.uint32).tobytes() + chunk.grams[gather].tobytes())
         return len(to_eval) + len(to_train)
+
+
+def redacted_types(section: DataSection) -> list[str]:
+    """The PII types redacted, in the order the workers count them."""
+    return list(section.pii.types) if section.pii.redact else []
 
 
 def _check_invalid_fraction(counts: list[SourceCounts], limit: float, quarantine_path: Path) -> None:

@@ -90,7 +90,7 @@ class Sketcher:
 
     def __init__(self, num_perm: int | None, ngram: int | None, bands: tuple[int, int] | None = None, seed: int = 1):
         rng = np.random.default_rng(seed)
-        self.num_perm, self.ngram, self.bands = num_perm, ngram, bands
+        self.ngram, self.bands = ngram, bands
         if num_perm:
             self.a = (rng.integers(0, 2**32, num_perm, dtype=np.uint64) | 1).astype(np.uint32)
             self.b = rng.integers(0, 2**32, num_perm, dtype=np.uint64).astype(np.uint32)

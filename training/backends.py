@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-from recipes.schema import TrainingSection, unsloth_cannot_run
+from recipes.schema import LoraSection, TrainingSection, unsloth_cannot_run
 from training.families import Family, UnsupportedFamilyError, adapter_problems
 from training.models import BaseModelRef, fit_embeddings
 
@@ -77,9 +77,8 @@ def load_unsloth(ref: BaseModelRef, training: TrainingSection, trust_remote_code
     )
     fit_embeddings(model, tokenizer)
     lora = training.lora
-    if problems := adapter_problems(ref.family, lora):
-        raise UnsupportedFamilyError("; ".join(problems))
-    modules, parameters = ref.family.lora_targets(lora.target_modules)
+    modules, parameters = adapter_targets(ref.family, lora)
+    token_rows = new_token_rows(tokenizer)
     return FastLanguageModel.get_peft_model(
         model,
         r=lora.r,
@@ -93,7 +92,7 @@ def load_unsloth(ref: BaseModelRef, training: TrainingSection, trust_remote_code
         use_gradient_checkpointing=False,
         random_state=training.seed,
         **({"use_dora": True} if lora.use_dora else {}),
-        **({"trainable_token_indices": new_token_rows(tokenizer)} if new_token_rows(tokenizer) else {}),
+        **({"trainable_token_indices": token_rows} if token_rows else {}),
     )
 
 
@@ -125,9 +124,7 @@ def lora_config(training: TrainingSection, family: Family, token_rows: dict | No
     from peft import LoraConfig
 
     lora = training.lora
-    if problems := adapter_problems(family, lora):
-        raise UnsupportedFamilyError("; ".join(problems))
-    modules, parameters = family.lora_targets(lora.target_modules)
+    modules, parameters = adapter_targets(family, lora)
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -141,6 +138,13 @@ def lora_config(training: TrainingSection, family: Family, token_rows: dict | No
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def adapter_targets(family: Family, lora: LoraSection) -> tuple[list[str], list[str]]:
+    """(module names, parameter names) the adapter wraps; an error naming the field when the family cannot take it."""
+    if problems := adapter_problems(family, lora):
+        raise UnsupportedFamilyError("; ".join(problems))
+    return family.lora_targets(lora.target_modules)
 
 
 def new_token_rows(tokenizer) -> dict[str, list[int]]:
