@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 from data_prep.files import atomic_write_json, sha256_file
@@ -67,8 +68,6 @@ def latest_good(folder: Path) -> tuple[Path, int] | None:
         aside = checkpoint.with_name(f"bad-{checkpoint.name}")
         log.warning("skipping %s: %s; set aside as %s, trying the previous checkpoint", checkpoint.name, reason, aside.name)
         if aside.exists():
-            import shutil
-
             shutil.rmtree(aside)
         checkpoint.rename(aside)
     return None
