@@ -149,7 +149,10 @@ def _from_preference(record: dict) -> dict:
         raise RowError("preference row has chosen/rejected but no prompt")
     prompt = record["prompt"]
     prompt = [{"role": "user", "content": _text(prompt, "prompt")}] if isinstance(prompt, str) else _message_list(prompt, "prompt")
-    return {"prompt": prompt, "chosen": _answer(record["chosen"], "chosen"), "rejected": _answer(record["rejected"], "rejected")}
+    chosen, rejected = _answer(record["chosen"], "chosen"), _answer(record["rejected"], "rejected")
+    if chosen == rejected:
+        raise RowError("chosen and rejected are the same answer: the row teaches no preference")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def _answer(value: Any, field: str) -> list[dict]:
@@ -189,6 +192,12 @@ def validate_messages(messages: list[dict[str, str]]) -> None:
             raise RowError(f"messages[{i + offset}].role is {message['role']!r}, expected {expected!r} (turns must alternate user/assistant)")
     if turns[-1]["role"] != "assistant":
         raise RowError("the last message must be from the assistant")
+
+
+def conversation_of(row: dict) -> list[dict]:
+    """The conversation a chat or preference row describes (a preference row's prompt followed by the chosen answer):
+    what evaluation and export generate from and compare against."""
+    return row["messages"] if "messages" in row else row["prompt"] + row["chosen"]
 
 
 def row_texts(row: dict) -> list[str]:

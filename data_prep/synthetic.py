@@ -1,6 +1,7 @@
 """Deterministic synthetic enterprise task: route a support ticket to a team and a priority, answering JSON.
 
-The shipped sample data (recipes/data/support_tickets_*.jsonl) is made by this script:
+The shipped sample data (recipes/data/support_tickets_*.jsonl, chat rows for SFT and preference rows for DPO) is
+made by this script:
 
     python -m data_prep.synthetic --out recipes/data
 
@@ -81,9 +82,20 @@ def make_row(rng: random.Random) -> dict:
     }
 
 
-def generate(n: int, seed: int) -> list[dict]:
+def make_preference_row(rng: random.Random) -> dict:
+    """One preference row for DPO: the ticket, the right routing (chosen) and a plausible wrong one (rejected:
+    the team or the priority of another answer)."""
+    *prompt, answer = make_row(rng)["messages"]
+    right = json.loads(answer["content"])
+    field, options = rng.choice([("team", sorted(TOPICS)), ("priority", sorted(URGENCY))])
+    wrong = {**right, field: rng.choice([o for o in options if o != right[field]])}
+    return {"prompt": prompt, "chosen": [answer], "rejected": [{"role": "assistant", "content": json.dumps(wrong)}]}
+
+
+def generate(n: int, seed: int, preference: bool = False) -> list[dict]:
     rng = random.Random(seed)
-    return [make_row(rng) for _ in range(n)]
+    make = make_preference_row if preference else make_row
+    return [make(rng) for _ in range(n)]
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:
@@ -103,7 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     write_jsonl(generate(args.train_rows, seed=1), args.out / "support_tickets_train.jsonl")
     write_jsonl(generate(args.heldout_rows, seed=2), args.out / "support_tickets_heldout.jsonl")
-    print(f"wrote {args.train_rows} training and {args.heldout_rows} held-out rows to {args.out}")
+    write_jsonl(generate(args.train_rows // 2, seed=3, preference=True), args.out / "support_tickets_preferences_train.jsonl")
+    write_jsonl(generate(args.heldout_rows // 2, seed=4, preference=True), args.out / "support_tickets_preferences_heldout.jsonl")
+    print(f"wrote {args.train_rows} training and {args.heldout_rows} held-out chat rows, and half as many preference rows, to {args.out}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from training.tokenize import IGNORE, encode_chat, prompt_ids
+from training.tokenize import IGNORE, Encoded, encode_chat, final_turn_only, prompt_ids
 
 
 def load_model(path: str, revision: str | None = None, dtype: str | None = None, trust_remote_code: bool = False, tokenizer=None):
@@ -54,10 +54,24 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
 
 def eval_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> float:
     """Mean negative log-likelihood per assistant token (the tokens training puts a loss on)."""
+    scores = scored_log_probs(model, tokenizer, [encode_chat(tokenizer, messages) for messages in conversations], batch_size)
+    tokens = sum(count for _, count in scores)
+    return -sum(total for total, _ in scores) / tokens if tokens else math.nan
+
+
+def preference_margins(model, tokenizer, rows: list[dict], batch_size: int) -> list[float]:
+    """Per preference row: log p(chosen answer) - log p(rejected answer) given the prompt (summed over the answer's
+    tokens, end-of-turn included). Positive means the model prefers the chosen answer."""
+    scores = {answer: scored_log_probs(model, tokenizer, [final_turn_only(encode_chat(tokenizer, row["prompt"] + row[answer]))
+                                                         for row in rows], batch_size) for answer in ("chosen", "rejected")}
+    return [chosen - rejected for (chosen, _), (rejected, _) in zip(scores["chosen"], scores["rejected"], strict=True)]
+
+
+def scored_log_probs(model, tokenizer, encoded: list[Encoded], batch_size: int) -> list[tuple[float, int]]:
+    """For each sequence: the summed log-probability of its labelled tokens, and how many there are."""
     import torch
 
-    encoded = [encode_chat(tokenizer, messages) for messages in conversations]
-    total_nll, total_tokens = 0.0, 0
+    scores: list[tuple[float, int]] = []
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
         width = max(len(e.input_ids) for e in batch)
@@ -67,7 +81,8 @@ def eval_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=attention).logits.float()
         shifted = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE, reduction="sum")
-        total_nll += nll.item()
-        total_tokens += int((shifted != IGNORE).sum().item())
-    return total_nll / total_tokens if total_tokens else math.nan
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, shifted.clamp(min=0)[..., None]).squeeze(-1)
+        scored = shifted != IGNORE
+        totals = (log_probs * scored).sum(dim=1)
+        scores += [(float(total), int(count)) for total, count in zip(totals, scored.sum(dim=1), strict=True)]
+    return scores

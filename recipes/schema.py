@@ -15,7 +15,9 @@ TINY_PREFIX = "tiny:"
 TINY_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 
 # Metrics the evaluation stage produces, and whether a higher value is better.
-METRICS: dict[str, bool] = {"exact_match": True, "eval_loss": False}
+METRICS: dict[str, bool] = {"exact_match": True, "eval_loss": False, "preference_accuracy": True, "preference_margin": True}
+# Metrics computed only on preference eval rows (training.method: dpo).
+PREFERENCE_METRICS = ("preference_accuracy", "preference_margin")
 
 
 class Section(BaseModel):
@@ -172,8 +174,33 @@ class QuantizationSection(Section):
     )
 
 
+class DpoSection(Section):
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (the base with the adapter "
+                        "off): lower lets it move further.")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="trl's DPO loss: sigmoid (the DPO paper), ipo, hinge (SLiC) or robust (noisy labels)."
+    )
+
+
+STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+
+
+class DistributedSection(Section):
+    num_processes: int = Field(1, ge=1, le=1024, description="Training processes launched through accelerate: one per GPU "
+                               "(without GPUs, CPU processes talking over gloo). 1 trains in a single process.")
+    strategy: Literal[STRATEGIES] = Field(  # type: ignore[valid-type]
+        "ddp", description="ddp: a full copy of the model per process; fsdp: parameters sharded (PyTorch FSDP); "
+        "deepspeed_zero2 / deepspeed_zero3: DeepSpeed ZeRO (needs the deepspeed package). fsdp and deepspeed need GPUs."
+    )
+
+
 class TrainingSection(Section):
-    method: Literal["sft"] = Field("sft", description="Training method. sft: supervised fine-tuning (chat rows) and continued pre-training (text rows).")
+    method: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: supervised fine-tuning (chat rows) and continued pre-training (text rows); "
+        "dpo: direct preference optimisation on preference rows ({prompt, chosen, rejected}), with trl's DPOTrainer."
+    )
+    dpo: DpoSection = Field(default_factory=DpoSection, description="Options of method: dpo.")
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     loss_on: Literal["assistant", "all"] = Field(
         "assistant", description="Which tokens of a chat row carry the loss: assistant turns only, or the whole conversation. Text rows always train on all."
     )
@@ -212,10 +239,25 @@ class TrainingSection(Section):
         return self
 
     @model_validator(mode="after")
+    def _method_takes_options(self) -> "TrainingSection":
+        if self.method == "dpo" and self.packing:
+            raise ValueError("packing is not available with method: dpo (trl pads chosen and rejected answers); set packing: false")
+        if self.method == "dpo" and self.loss_on != "assistant":
+            raise ValueError("loss_on applies to method: sft; dpo scores the chosen and rejected answers only")
+        if self.method == "dpo" and "lm_head" in self.lora.modules_to_save + _explicit(self.lora.target_modules):
+            raise ValueError("lora: lm_head cannot be trained with method: dpo (trl computes log-probabilities from "
+                             "lm_head.weight directly, so an adapter or a trained copy there would be ignored)")
+        return self
+
+    @model_validator(mode="after")
     def _backend_can_run_it(self) -> "TrainingSection":
         if self.backend == "unsloth" and (reasons := unsloth_cannot_run(self)):
             raise ValueError(f"backend unsloth cannot run this recipe ({'; '.join(reasons)}); use backend: hf or auto")
         return self
+
+
+def _explicit(target_modules: str | list[str]) -> list[str]:
+    return [] if isinstance(target_modules, str) else target_modules
 
 
 def unsloth_cannot_run(training: TrainingSection) -> list[str]:
@@ -303,3 +345,19 @@ class Recipe(Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     export: ExportSection = Field(default_factory=ExportSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @model_validator(mode="after")
+    def _data_and_gates_fit_the_method(self) -> "Recipe":
+        """Row formats and metrics that the training method cannot use are errors now, not after data preparation."""
+        dpo = self.training.method == "dpo"
+        for field, sources in (("sources", self.data.sources), ("eval_sources", self.data.eval_sources)):
+            for i, source in enumerate(sources):
+                if source.format != "auto" and (source.format == "preference") != dpo:
+                    wanted = "preference" if dpo else "a chat or text format"
+                    raise ValueError(f"data.{field}[{i}].format is {source.format} but training.method={self.training.method} "
+                                     f"trains on {wanted} rows")
+        for i, gate in enumerate(self.evaluation.gates):
+            if gate.metric in PREFERENCE_METRICS and not dpo:
+                raise ValueError(f"evaluation.gates[{i}].metric {gate.metric} is measured on preference rows: "
+                                 "it needs training.method: dpo")
+        return self

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_prep.formats import conversation_of
 from data_prep.files import atomic_write_json, atomic_write_text, checksums
 from data_prep.prepare import read_jsonl
 from recipes.schema import ExportSection, ModelSection
@@ -60,7 +61,7 @@ def export_artifact(
     staging.mkdir(parents=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(trained.adapter_path)
-        prompts = [prompt_ids(tokenizer, row["messages"]) for row in read_jsonl(eval_path)[: section.check_prompts]]
+        prompts = [prompt_ids(tokenizer, conversation_of(row)) for row in read_jsonl(eval_path)[: section.check_prompts]]
         equivalence = None
         if section.merged:
             equivalence = _write_merged(section, model_section, trained, tokenizer, prompts, staging / "model")

@@ -13,6 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_TRAIN = ROOT / "recipes" / "data" / "support_tickets_train.jsonl"
 SAMPLE_HELDOUT = ROOT / "recipes" / "data" / "support_tickets_heldout.jsonl"
+PREFERENCE_TRAIN = ROOT / "recipes" / "data" / "support_tickets_preferences_train.jsonl"
+PREFERENCE_HELDOUT = ROOT / "recipes" / "data" / "support_tickets_preferences_heldout.jsonl"
 
 # Tiny models and Prefect's database go to a per-session folder, never the user's home, and no test
 # may reach a hub. Set before any test imports transformers, and inherited by every child process.
@@ -83,6 +85,20 @@ def prepared_small(tmp_path_factory):
     train = write_jsonl(folder / "train.jsonl", read_rows(SAMPLE_TRAIN, 400))
     held = write_jsonl(folder / "held.jsonl", read_rows(SAMPLE_HELDOUT, 40))
     section = DataSection(sources=[DataSource(path=str(train))], eval_sources=[DataSource(path=str(held))])
+    return prepare_data(section, folder / "prepared")
+
+
+@pytest.fixture(scope="session")
+def prepared_preferences(tmp_path_factory):
+    """Prepared preference data: 200 training rows and 20 held-out rows of the sample task."""
+    from data_prep.prepare import prepare_data
+    from recipes.schema import DataSection, DataSource
+
+    folder = tmp_path_factory.mktemp("preferences")
+    train = write_jsonl(folder / "train.jsonl", read_rows(PREFERENCE_TRAIN, 200))
+    held = write_jsonl(folder / "held.jsonl", read_rows(PREFERENCE_HELDOUT, 20))
+    section = DataSection(sources=[DataSource(path=str(train), format="preference")],
+                          eval_sources=[DataSource(path=str(held), format="preference")])
     return prepare_data(section, folder / "prepared")
 
 

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning with trl's SFTTrainer on rows we tokenize and mask ourselves, plus the label checks."""
+"""Rows to trainer examples for every method, the settings and label checks trainers share, and SFT with trl's SFTTrainer."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recipes.schema import TrainingSection
-from data_prep.formats import kind_of
+from data_prep.formats import conversation_of, kind_of
 from data_prep.readers import DataError
-from training.tokenize import IGNORE, Encoded, MaskingError, check_end_of_turn_trained, check_trained_fraction, encode_chat, encode_text
+from training.tokenize import (IGNORE, Encoded, MaskingError, check_end_of_turn_trained, check_trained_fraction, encode_chat,
+                               encode_text, final_turn_only)
 from training.checkpoints import seal
 
 log = logging.getLogger(__name__)
@@ -29,27 +30,30 @@ class TokenizedRows:
 
 
 def tokenize_rows(tokenizer, rows: list[dict], training: TrainingSection, run_dir: Path, overlong: str = "drop") -> TokenizedRows:
-    """Encode every row; rows longer than max_seq_length are set aside with a reason (overlong=drop) or cut
-    (overlong=truncate, the data recipe's choice); check the labels."""
+    """Encode every row for the recipe's method; rows longer than max_seq_length are set aside with a reason
+    (overlong=drop) or cut (overlong=truncate, the data recipe's choice); check the labels."""
     examples, sample, too_long = [], [], []
     trained = total = truncated = 0
     whole_text = training.loss_on == "all"
     for number, row in enumerate(rows, start=1):
-        encoded = _encode(tokenizer, row, number, training)
+        encodings = _encode(tokenizer, row, number, training)
         whole_text |= "text" in row
-        if len(encoded.input_ids) > training.max_seq_length and overlong == "truncate":
-            encoded = Encoded(encoded.input_ids[: training.max_seq_length], encoded.labels[: training.max_seq_length])
+        longest = max(len(e.input_ids) for e in encodings)
+        if longest > training.max_seq_length and overlong == "truncate":
+            encodings = [Encoded(e.input_ids[: training.max_seq_length], e.labels[: training.max_seq_length]) for e in encodings]
             truncated += 1
-        elif len(encoded.input_ids) > training.max_seq_length:
-            too_long.append({"row": number, "tokens": len(encoded.input_ids), "reason": f"longer than training.max_seq_length={training.max_seq_length}", **row})
+        elif longest > training.max_seq_length:
+            too_long.append({"row": number, "tokens": longest, "reason": f"longer than training.max_seq_length={training.max_seq_length}", **row})
             continue
         else:
-            check_end_of_turn_trained(encoded, tokenizer.eos_token_id, number)
-        examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
-        if len(sample) < SAMPLE_ROWS and "messages" in row:
-            sample.append({"messages": row["messages"], "input_ids": encoded.input_ids, "prompt_length": encoded.prompt_length})
-        trained += encoded.trained_tokens
-        total += len(encoded.input_ids)
+            for encoded in encodings:
+                check_end_of_turn_trained(encoded, tokenizer.eos_token_id, number)
+        examples.append(_example(encodings, training.method))
+        if len(sample) < SAMPLE_ROWS and "text" not in row:
+            first = encodings[0]
+            sample.append({"messages": conversation_of(row), "input_ids": first.input_ids, "prompt_length": first.prompt_length})
+        trained += sum(e.trained_tokens for e in encodings)
+        total += sum(len(e.input_ids) for e in encodings)
     if too_long:
         path = run_dir / "data_too_long.jsonl"
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in too_long))
@@ -60,15 +64,32 @@ def tokenize_rows(tokenizer, rows: list[dict], training: TrainingSection, run_di
     return TokenizedRows(examples, sample, len(too_long), total, round(fraction, 4), truncated, whole_text)
 
 
-def _encode(tokenizer, row: dict, number: int, training: TrainingSection) -> Encoded:
-    """Chat rows: loss on assistant turns (or on everything with loss_on=all); text rows: on everything."""
+def _encode(tokenizer, row: dict, number: int, training: TrainingSection) -> list[Encoded]:
+    """SFT: chat rows carry the loss on assistant turns (or everywhere with loss_on=all), text rows everywhere.
+    DPO: the prompt followed by the chosen answer, and by the rejected one, each scored on that final answer."""
+    if training.method == "dpo":
+        if "chosen" not in row:
+            raise DataError(f"train.jsonl row {number} is a {kind_of(row)} row; training.method=dpo trains on preference "
+                            "rows ({prompt, chosen, rejected})")
+        return [final_turn_only(encode_chat(tokenizer, row["prompt"] + row[answer])) for answer in ("chosen", "rejected")]
     if "text" in row:
-        return encode_text(tokenizer, row["text"])
+        return [encode_text(tokenizer, row["text"])]
     if "messages" not in row:
         raise DataError(f"train.jsonl row {number} is a {kind_of(row)} row; training.method=sft trains on chat and text rows "
-                        "(preference rows are for DPO)")
+                        "(preference rows are for method: dpo)")
     encoded = encode_chat(tokenizer, row["messages"])
-    return Encoded(encoded.input_ids, list(encoded.input_ids)) if training.loss_on == "all" else encoded
+    return [Encoded(encoded.input_ids, list(encoded.input_ids)) if training.loss_on == "all" else encoded]
+
+
+def _example(encodings: list[Encoded], method: str) -> dict:
+    """What the trainer reads: input_ids and labels (SFT), or trl's prompt_ids / chosen_ids / rejected_ids (DPO)."""
+    if method != "dpo":
+        return {"input_ids": encodings[0].input_ids, "labels": encodings[0].labels}
+    chosen, rejected = encodings
+    start = chosen.prompt_length
+    if chosen.input_ids[:start] != rejected.input_ids[:start]:
+        raise MaskingError("the prompt tokenizes differently before the chosen and the rejected answer")
+    return {"prompt_ids": chosen.input_ids[:start], "chosen_ids": chosen.input_ids[start:], "rejected_ids": rejected.input_ids[start:]}
 
 
 def upper_fraction(training: TrainingSection, whole_text: bool) -> float:
@@ -86,9 +107,9 @@ class BatchStats:
     tokens: int = 0
 
     def observe(self, inputs: dict) -> None:
-        labels = inputs["labels"]
-        real = inputs["attention_mask"].sum().item() if "attention_mask" in inputs else labels.numel()
-        trained = (labels != IGNORE).sum().item()
+        mask = trained_mask(inputs)
+        real = inputs["attention_mask"].sum().item() if "attention_mask" in inputs else mask.numel()
+        trained = mask.sum().item()
         self.tokens += int(real)
         self.fractions.append(check_trained_fraction(trained, real, self.low, self.high, f"training batch {len(self.fractions) + 1}"))
 
@@ -99,10 +120,78 @@ class BatchStats:
                 "mean": round(sum(self.fractions) / len(self.fractions), 4)}
 
 
-def build_trainer(model, tokenizer, dataset, training: TrainingSection, run_dir: Path, report_to: list[str], whole_text: bool = False):
-    """An SFTTrainer over the pre-tokenized dataset, configured from the recipe's training section."""
+def trained_mask(batch: dict):
+    """Which positions of a collated batch carry a loss: labels set (SFT) or trl's completion mask (DPO)."""
+    return batch["labels"] != IGNORE if "labels" in batch else batch["completion_mask"].bool()
+
+
+def trainer_arguments(training: TrainingSection, run_dir: Path, report_to: list[str]) -> dict:
+    """The Trainer settings every method shares: schedule, batch, checkpoints, logging, device."""
     import torch
-    from transformers import Trainer, TrainerCallback
+
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps or -1,
+        per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio,
+        max_length=training.max_seq_length,
+        seed=training.seed,
+        data_seed=training.seed,
+        logging_steps=training.logging_steps,
+        save_strategy="steps",
+        save_steps=training.save_steps,
+        save_total_limit=training.save_total_limit,
+        report_to=report_to,
+        use_cpu=not on_gpu,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        disable_tqdm=True,
+        dataset_num_proc=None,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def trainer_callbacks() -> list:
+    """Loss lines for the log relay and sealed checkpoints, for every method."""
+    from transformers import TrainerCallback
+
+    class LogLoss(TrainerCallback):
+        """Logs every logging_steps, and also the first and last steps, so a loss curve has its ends."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1 or state.global_step >= state.max_steps:
+                control.should_log = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs and state.is_world_process_zero:
+                log.info("step %d/%d loss %.4f lr %.2e", state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", 0.0))
+
+    class SealCheckpoints(TrainerCallback):
+        """Marks a checkpoint complete once the Trainer has written all of it (see training.checkpoints)."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                seal(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return [LogLoss(), SealCheckpoints()]
+
+
+def build_trainer(model, tokenizer, dataset, training: TrainingSection, run_dir: Path, report_to: list[str], whole_text: bool = False):
+    """The recipe method's trainer (SFT, or DPO from training.dpo) over the pre-tokenized dataset."""
+    if training.method == "dpo":
+        from training.dpo import build_dpo_trainer
+
+        return build_dpo_trainer(model, tokenizer, dataset, training, run_dir, report_to)
+    return build_sft_trainer(model, tokenizer, dataset, training, run_dir, report_to, whole_text)
+
+
+def build_sft_trainer(model, tokenizer, dataset, training: TrainingSection, run_dir: Path, report_to: list[str], whole_text: bool = False):
+    """An SFTTrainer over the pre-tokenized dataset, configured from the recipe's training section."""
+    from transformers import Trainer
     from trl import SFTConfig, SFTTrainer
 
     stats = BatchStats(training.min_trained_token_fraction, upper_fraction(training, whole_text))
@@ -118,66 +207,25 @@ def build_trainer(model, tokenizer, dataset, training: TrainingSection, run_dir:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    class LogLoss(TrainerCallback):
-        """Logs every logging_steps, and also the first and last steps, so a loss curve has its ends."""
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1 or state.global_step >= state.max_steps:
-                control.should_log = True
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                log.info("step %d/%d loss %.4f lr %.2e", state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", 0.0))
-
-    class SealCheckpoints(TrainerCallback):
-        """Marks a checkpoint complete once the Trainer has written all of it (see training.checkpoints)."""
-
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                seal(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-
-    on_gpu = torch.cuda.is_available()
-    config = SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
-        num_train_epochs=training.epochs,
-        max_steps=training.max_steps or -1,
-        per_device_train_batch_size=training.batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        learning_rate=training.learning_rate,
-        lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=training.warmup_ratio,
-        max_length=training.max_seq_length,
-        packing=training.packing,
-        seed=training.seed,
-        data_seed=training.seed,
-        logging_steps=training.logging_steps,
-        save_strategy="steps",
-        save_steps=training.save_steps,
-        save_total_limit=training.save_total_limit,
-        report_to=report_to,
-        use_cpu=not on_gpu,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        disable_tqdm=True,
-        dataset_num_proc=None,
-    )
+    config = SFTConfig(**trainer_arguments(training, run_dir, report_to), packing=training.packing)
     model.config.use_cache = False  # a KV cache in training forwards would also stop transformers from masking packed rows apart
-    trainer = CheckedSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                                callbacks=[LogLoss(), SealCheckpoints()])
+    trainer = CheckedSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=trainer_callbacks())
     return trainer, stats
 
 
 def check_collated_batch(trainer, examples: list[dict], end_of_turn_id: int, training: TrainingSection) -> None:
     """Collate real rows the way the trainer will and check the end-of-turn token still carries a loss:
-    a collator that masks pad ids would hide it when pad == eos."""
+    a collator that masks pad ids would hide it when pad == eos. (DPO batches hold each row's chosen and
+    rejected sequences; both must end with a trained end-of-turn.)"""
     batch = trainer.data_collator([{k: v for k, v in e.items()} for e in examples[: training.batch_size]])
-    labels = batch["labels"]
-    missing = [i for i in range(labels.shape[0]) if not (labels[i] == end_of_turn_id).any()]
+    trained_end_of_turn = (batch["input_ids"] == end_of_turn_id) & trained_mask(batch)
+    missing = [i for i in range(trained_end_of_turn.shape[0]) if not trained_end_of_turn[i].any()]
     if not training.packing and missing:
         raise MaskingError(
             f"after collation, rows {missing} have no label on the end-of-turn token (id {end_of_turn_id}): "
             "the collator masks it (pad == eos?), so the model would never stop"
         )
-    if training.packing and (labels == end_of_turn_id).sum().item() == 0:
+    if training.packing and not trained_end_of_turn.any():
         raise MaskingError(f"after packing, no end-of-turn token (id {end_of_turn_id}) carries a label")
 
 

@@ -64,6 +64,12 @@ def encode_chat(tokenizer, messages: list[dict]) -> Encoded:
     return Encoded(input_ids, labels)
 
 
+def final_turn_only(encoded: Encoded) -> Encoded:
+    """The same ids with the loss on the last assistant turn only (earlier turns are context, as in a DPO prompt)."""
+    start = encoded.prompt_length
+    return Encoded(encoded.input_ids, [IGNORE] * start + encoded.labels[start:])
+
+
 def encode_text(tokenizer, text: str) -> Encoded:
     """Plain text for continued pre-training: every token carries a loss, and the end-of-text token closes it
     (so the model learns where documents end)."""

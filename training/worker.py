@@ -87,7 +87,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
     runtime = time.perf_counter() - started
 
     adapter_dir = run_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
+    trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])  # not trl's frozen DPO reference copy
     tokenizer.save_pretrained(adapter_dir)
     curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     losses = [loss for _, loss in curve]
@@ -97,6 +97,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
         "adapter_path": str(adapter_dir),
         "backend": backend,
         "backend_reason": why,
+        "method": training.method,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "adapter": training.adapter,
         "base_4bit_layers": quantized_layers,
@@ -123,6 +124,10 @@ def run(spec: dict, backend: str, why: str) -> dict:
         "packing_isolation_max_logit_diff": packing_difference,
         "wandb": finish_run(wandb_run),
     }
+    if training.method == "dpo":
+        from training.dpo import preference_metrics
+
+        result["preference"] = preference_metrics(trainer.state.log_history)
     log.info("trained %d steps in %.1fs, loss %s", result["steps"], runtime, result["final_logged_loss"])
     return result
 
