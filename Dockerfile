@@ -36,4 +36,6 @@ RUN useradd --create-home --uid 10001 ftpipe && mkdir -p /data && chown ftpipe /
 USER ftpipe
 VOLUME ["/data"]
 
-ENTRYPOINT ["sh", "-c", "exec prefect worker start --pool \"$FTPIPE_WORK_POOL\""]
+# No entrypoint: run with no arguments, the image is a process worker for $FTPIPE_WORK_POOL; as the job image of a
+# Kubernetes work pool, the worker's arguments (`prefect flow-run execute`) replace this command.
+CMD ["sh", "-c", "exec prefect worker start --pool \"$FTPIPE_WORK_POOL\""]

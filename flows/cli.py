@@ -97,6 +97,10 @@ def _validate(args) -> int:
         if problems:
             raise RecipeError(problems)
     print(summary(recipe))
+    from training.launch import launch_problems
+
+    for problem in launch_problems(recipe.training.distributed):
+        print(f"warning: on this machine, {problem}", file=sys.stderr)
     if args.gpu and not isinstance(config, str):
         for line in _fit_warnings(recipe, config, args.gpu):
             print(line, file=sys.stderr)
@@ -174,6 +178,9 @@ def summary(recipe: Recipe) -> str:
         f"training: {t.method} {t.adapter} r={t.lora.r} alpha={t.lora.alpha} targets={t.lora.target_modules} backend={t.backend}",
         f"          {length} lr={t.learning_rate:g} batch={t.batch_size}x{t.gradient_accumulation_steps} "
         f"max_seq_length={t.max_seq_length} packing={t.packing} seed={t.seed}",
+        *([f"          dpo beta={t.dpo.beta:g} loss={t.dpo.loss_type}"] if t.method == "dpo" else []),
+        *([f"          distributed: {t.distributed.num_processes} processes, {t.distributed.strategy} (accelerate launch)"]
+          if t.distributed.num_processes > 1 else []),
         f"gates: {gates}",
         f"export: dtype={recipe.export.dtype} merged={recipe.export.merged} adapter={recipe.export.adapter}",
         f"tracking: wandb {recipe.tracking.mode}",
@@ -201,7 +208,11 @@ def _prepare(args) -> int:
 
 
 def _run_flow(flow, args, label: str) -> int:
+    from training.launch import launch_problems
+
     recipe = _load(args)
+    if problems := launch_problems(recipe.training.distributed):  # before any work, not after the data stage
+        raise RecipeError(problems)
     state = flow(recipe, output_dir=args.output_dir, return_state=True)
     if state.is_completed():
         print(f"{label}: {state.result()}")
@@ -230,12 +241,14 @@ def exit_code_for(error: object) -> int:
     from evaluation.gates import GateRejected
     from training.backends import BackendError
     from training.families import UnsupportedFamilyError
+    from training.launch import LaunchError
     from training.models import ModelLoadError
     from training.tokenize import MaskingError
 
     if isinstance(error, GateRejected):
         return EXIT_GATE
-    if isinstance(error, (RecipeError, DataError, RowError, ModelLoadError, MaskingError, UnsupportedFamilyError, BackendError)):
+    if isinstance(error, (RecipeError, DataError, RowError, ModelLoadError, MaskingError, UnsupportedFamilyError, BackendError,
+                          LaunchError)):
         return EXIT_INPUT
     return EXIT_FAILED
 

@@ -51,13 +51,19 @@ def training_summary_markdown(name: str, trained: TrainResult, adapter: str, ran
     m = trained.metrics
     memory = m.get("peak_memory_mb") or {}
     resumed = f"resumed from step {m['resumed_at_step']}" if m.get("resumed_at_step") else "from step 0"
+    distributed = m.get("distributed") or {}
+    processes = (f"{distributed['num_processes']} ({distributed['strategy']}, {distributed['process_group']}, replicas differ by "
+                 f"{distributed['replica_max_difference']})" if distributed.get("num_processes", 1) > 1 else "1")
+    preference = m.get("preference")
+    dpo_row = f"| DPO reward accuracy / margin (last logged) | {preference.get('reward_accuracy')} / {preference.get('reward_margin')} |\n" if preference else ""
     return f"""# Training: {name}
 | | |
 |---|---|
 | base model | `{trained.base.model_id}` ({trained.base.model_type}) |
 | backend | {m['backend']} ({m['backend_reason']}) on {m['device']} |
-| adapter | {adapter}, r={rank} |
-| steps / epochs | {m['steps']} / {m['epochs']} ({resumed}) |
+| method, adapter | {m.get('method', 'sft')}, {adapter} r={rank} |
+| processes | {processes} |
+{dpo_row}| steps / epochs | {m['steps']} / {m['epochs']} ({resumed}) |
 | loss first / final / best | {m['first_logged_loss']} / {m['final_logged_loss']} / {m.get('best_logged_loss')} |
 | rows (left out as too long) | {m['train_rows']} ({m['dropped_rows']}) |
 | tokens in the data, trained share | {m['train_tokens']}, {m['trained_token_fraction']} |

@@ -268,6 +268,8 @@ def unsloth_cannot_run(training: TrainingSection) -> list[str]:
         reasons.append(f"quantization.quant_type={quantization.quant_type}: unsloth loads 4-bit bases as nf4")
     if training.adapter == "qlora" and not quantization.double_quant:
         reasons.append("quantization.double_quant=false: unsloth always double-quantises")
+    if training.distributed.num_processes > 1 and training.distributed.strategy != "ddp":
+        reasons.append(f"distributed.strategy={training.distributed.strategy}: unsloth's supported multi-GPU path is DDP")
     return reasons
 
 

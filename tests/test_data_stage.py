@@ -119,7 +119,7 @@ def test_training_refuses_preference_rows_for_sft_with_the_row_named(tmp_path):
     with pytest.raises(DataError) as info:
         train(TrainingSection(max_steps=1), ModelSection(), TrackingSection(), data, tmp_path / "training")
     assert str(info.value).startswith("train.jsonl row ")
-    assert " is a preference row; training.method=sft trains on chat and text rows (preference rows are for DPO)" in str(info.value)
+    assert " is a preference row; training.method=sft trains on chat and text rows (preference rows are for method: dpo)" in str(info.value)
 
 
 @pytest.mark.slow

@@ -126,3 +126,10 @@ def test_dpo_recipe_learns_the_preference_and_passes_its_gates(tmp_path):
     manifest = json.loads((run_dir / "artifact" / "manifest.json").read_text())
     assert manifest["gates"]["passed"] and [g["metric"] for g in manifest["gates"]["results"]] == ["preference_accuracy"] * 2
     assert manifest["merge"]["equivalence"]["passed"]
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+def test_dpo_on_a_4bit_base(prepared_preferences, tmp_path, backend):
+    section = TrainingSection(method="dpo", adapter="qlora", backend=backend, max_seq_length=256, batch_size=8, max_steps=2, logging_steps=1)
+    m = train(section, ModelSection(), TrackingSection(), prepared_preferences, tmp_path, run_name="test").metrics
+    assert (m["backend"], m["steps"]) == (backend, 2) and m["base_4bit_layers"] > 0

@@ -82,3 +82,27 @@ def test_validate_rejects_an_adapter_the_model_family_cannot_take():
     assert experts.returncode == 2 and "llama has no expert layers" in experts.stderr
     offline = run_ftpipe("validate", "quickstart", "--set", "model.base=meta-llama/Llama-3.1-8B-Instruct")
     assert offline.returncode == 0 and "not available offline" in offline.stderr
+
+
+def test_dpo_and_several_gpus_change_memory_time_and_cost_as_stated():
+    from transformers import LlamaConfig
+
+    config, llama = LlamaConfig(**LLAMA_3_8B), family_for("llama")
+    common = dict(batch_size=4, max_seq_length=2048, epochs=1)
+    sft = estimate(config, llama, TrainingSection(**common), GPUS["h100"], tokens_per_epoch=10_000_000, rows=20_000)
+    dpo = estimate(config, llama, TrainingSection(method="dpo", **common), GPUS["h100"], tokens_per_epoch=10_000_000, rows=20_000)
+    assert dpo.memory_gib["activations"] == pytest.approx(2 * sft.memory_gib["activations"])  # chosen + rejected
+    assert dpo.tokens_total == 2 * sft.tokens_total and dpo.tokens_per_s < sft.tokens_per_s  # plus the reference forward
+    eight = {"num_processes": 8}
+    ddp = estimate(config, llama, TrainingSection(distributed={**eight, "strategy": "ddp"}, **common), GPUS["h100"],
+                   tokens_per_epoch=10_000_000, rows=20_000)
+    assert ddp.memory_gib == sft.memory_gib and ddp.tokens_per_s == pytest.approx(8 * sft.tokens_per_s)
+    assert ddp.hours == pytest.approx(sft.hours / 8) and ddp.usd == pytest.approx(sft.usd, abs=0.02)
+    assert ddp.lines()[0].startswith("gpu: 8 x NVIDIA H100")
+    fsdp = estimate(config, llama, TrainingSection(distributed={**eight, "strategy": "fsdp"}, **common), GPUS["h100"],
+                    tokens_per_epoch=10_000_000, rows=20_000)
+    assert fsdp.memory_gib["weights"] == pytest.approx(sft.memory_gib["weights"] / 8)
+    zero2 = estimate(config, llama, TrainingSection(distributed={**eight, "strategy": "deepspeed_zero2"}, **common), GPUS["h100"],
+                     tokens_per_epoch=10_000_000, rows=20_000)
+    assert zero2.memory_gib["weights"] == sft.memory_gib["weights"]
+    assert zero2.memory_gib["adapter+optimizer"] == pytest.approx(sft.memory_gib["adapter+optimizer"] * (4 + 12 / 8) / 16)

@@ -56,6 +56,16 @@ def training_dtype():
     return torch.float32
 
 
+def device_map() -> dict | None:
+    """Each process loads the model onto its own GPU (LOCAL_RANK under accelerate launch); on CPU the Trainer
+    places it. Without this, every DDP process would load onto GPU 0."""
+    import os
+
+    import torch
+
+    return {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"} if torch.cuda.is_available() else None
+
+
 def compute_dtype(training: TrainingSection):
     """The dtype QLoRA's 4-bit layers compute in."""
     import torch
@@ -74,6 +84,7 @@ def load_unsloth(ref: BaseModelRef, training: TrainingSection, trust_remote_code
         dtype=training_dtype(),
         load_in_4bit=training.adapter == "qlora",
         trust_remote_code=trust_remote_code,
+        **({"device_map": placement} if (placement := device_map()) else {}),
     )
     fit_embeddings(model, tokenizer)
     lora = training.lora
@@ -112,7 +123,7 @@ def load_hf(ref: BaseModelRef, training: TrainingSection, trust_remote_code: boo
             bnb_4bit_compute_dtype=compute_dtype(training),
         )
     model = AutoModelForCausalLM.from_pretrained(
-        ref.path, revision=ref.revision, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+        ref.path, revision=ref.revision, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map(), **kwargs
     )
     fit_embeddings(model, tokenizer)
     if training.adapter == "qlora":

@@ -11,7 +11,12 @@ printed with the result so a reader can check them:
   entry (bf16 logits and their fp32 loss copy);
 - 1 GiB for the CUDA context and allocator;
 - throughput: 4 x parameters FLOPs a token (forward, and backward to the activations only, since the base is
-  frozen), 6 x with checkpointing, at 35% of the GPU's dense bf16 peak (25% for QLoRA, which dequantises).
+  frozen), 6 x with checkpointing, at 35% of the GPU's dense bf16 peak (25% for QLoRA, which dequantises);
+- DPO: every row is two sequences (prompt + chosen, prompt + rejected), so twice the tokens and activations, plus
+  a reference forward without gradients (2 x parameters FLOPs a token);
+- several processes (training.distributed): memory is per GPU; fsdp and ZeRO-3 divide the weights and the adapter
+  state by the number of GPUs, ZeRO-2 the optimizer state (12 of the 16 bytes); throughput scales linearly and
+  the cost counts every GPU.
 """
 from __future__ import annotations
 
@@ -60,6 +65,7 @@ class Estimate:
     tokens_per_s_stated: bool  # given by the user rather than estimated
     hours: float
     usd: float
+    processes: int = 1
 
     @property
     def fits(self) -> bool:
@@ -71,11 +77,12 @@ class Estimate:
 
     def lines(self) -> list[str]:
         p = self.parameters
+        gpus = f"{self.processes} x " if self.processes > 1 else ""
         rate = "given" if self.tokens_per_s_stated else "estimated: see `ftpipe estimate --help`"
         lines = [
-            f"gpu: {self.gpu.name} ({self.gpu.memory_gib:g} GiB, {self.gpu.bf16_tflops:g} TFLOPS bf16, ${self.gpu.usd_per_hour:.2f}/h)",
+            f"gpu: {gpus}{self.gpu.name} ({self.gpu.memory_gib:g} GiB, {self.gpu.bf16_tflops:g} TFLOPS bf16, ${self.gpu.usd_per_hour:.2f}/h)",
             f"parameters: {p.total:,} total, {p.trainable:,} trainable ({100 * p.trainable / p.total:.3f}%)",
-            "peak memory: " + ", ".join(f"{k} {v:.2f}" for k, v in self.memory_gib.items()) + " GiB",
+            "peak memory per GPU: " + ", ".join(f"{k} {v:.2f}" for k, v in self.memory_gib.items()) + " GiB",
             f"  = {self.peak_gib:.1f} GiB without gradient checkpointing, {self.peak_checkpointed_gib:.1f} GiB with it",
             f"tokens: {self.tokens_per_epoch:,} a pass over the training rows, {self.tokens_total:,} in this run",
             f"time: {self.hours:.2f} h at {self.tokens_per_s:,.0f} tokens/s ({rate}); cost ${self.usd:,.2f}",
@@ -116,15 +123,26 @@ def memory_bytes(config, parameters: Parameters, training: TrainingSection) -> t
         weights = parameters.quantisable * bits / 8 + (parameters.total - parameters.quantisable) * 2
     else:
         weights = parameters.total * 2
-    tokens = training.batch_size * training.max_seq_length
+    tokens = training.batch_size * training.max_seq_length * sequences_per_row(training)
     hidden, layers = config.hidden_size, config.num_hidden_layers
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
     per_layer = 2 * (8 * hidden + 4 * intermediate) * tokens
     logits = 6 * tokens * config.vocab_size
-    components = {"weights": weights, "adapter+optimizer": 16 * parameters.trainable,
+    adapter_state = 16 * parameters.trainable
+    processes, strategy = training.distributed.num_processes, training.distributed.strategy
+    if strategy in ("fsdp", "deepspeed_zero3"):
+        weights, adapter_state = weights / processes, adapter_state / processes
+    elif strategy == "deepspeed_zero2":
+        adapter_state = 4 * parameters.trainable + 12 * parameters.trainable / processes
+    components = {"weights": weights, "adapter+optimizer": adapter_state,
                   "activations": per_layer * layers, "logits": logits, "cuda context": CONTEXT_BYTES}
     checkpointed = 2 * hidden * tokens * layers + per_layer
     return components, checkpointed
+
+
+def sequences_per_row(training: TrainingSection) -> int:
+    """DPO scores each row twice: the prompt with the chosen answer and with the rejected one."""
+    return 2 if training.method == "dpo" else 1
 
 
 def estimate(config, family: Family, training: TrainingSection, gpu: GPU, tokens_per_epoch: int, rows: int,
@@ -133,19 +151,22 @@ def estimate(config, family: Family, training: TrainingSection, gpu: GPU, tokens
     components, checkpointed_activations = memory_bytes(config, parameters, training)
     peak = sum(components.values())
     peak_checkpointed = peak - components["activations"] + checkpointed_activations
+    processes = training.distributed.num_processes
+    tokens_per_epoch *= sequences_per_row(training)
     if training.max_steps:
         per_row = tokens_per_epoch / max(rows, 1)
-        tokens_total = int(training.max_steps * training.batch_size * training.gradient_accumulation_steps * per_row)
+        tokens_total = int(training.max_steps * training.batch_size * training.gradient_accumulation_steps * processes * per_row)
     else:
         tokens_total = int(tokens_per_epoch * training.epochs)
     stated = tokens_per_s is not None
     if tokens_per_s is None:
         utilisation = 0.25 if training.adapter == "qlora" else 0.35
-        flops_per_token = (4 if peak <= gpu.memory_gib * GIB else 6) * parameters.total
-        tokens_per_s = utilisation * gpu.bf16_tflops * 1e12 / flops_per_token
+        reference = 2 if training.method == "dpo" else 0  # DPO's reference forward
+        flops_per_token = ((4 if peak <= gpu.memory_gib * GIB else 6) + reference) * parameters.total
+        tokens_per_s = utilisation * gpu.bf16_tflops * 1e12 / flops_per_token * processes
     hours = tokens_total / tokens_per_s / 3600
-    return Estimate(
+    return Estimate(processes=processes,
         gpu=gpu, parameters=parameters, memory_gib={k: v / GIB for k, v in components.items()}, peak_gib=peak / GIB,
         peak_checkpointed_gib=peak_checkpointed / GIB, tokens_per_epoch=tokens_per_epoch, tokens_total=tokens_total,
-        tokens_per_s=tokens_per_s, tokens_per_s_stated=stated, hours=hours, usd=math.ceil(hours * gpu.usd_per_hour * 100) / 100,
+        tokens_per_s=tokens_per_s, tokens_per_s_stated=stated, hours=hours, usd=math.ceil(hours * gpu.usd_per_hour * processes * 100) / 100,
     )

@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ from data_prep.formats import row_texts
 from data_prep.readers import DataError
 from recipes.schema import DataSection, ModelSection, TrackingSection, TrainingSection
 from training.backends import BackendError
+from training.checkpoints import latest_good
+from training.launch import worker_command
 from training.families import UnsupportedFamilyError
 from training.models import BaseModelRef, ModelLoadError, load_tokenizer, resolve_base
 from training.tokenize import MaskingError
@@ -23,6 +24,7 @@ from training.tokenize import MaskingError
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss ")  # what the worker logs every logging_steps
+ERROR_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception): ")  # the last line of a Python traceback
 
 
 class TrainingError(RuntimeError):
@@ -93,10 +95,12 @@ def train(
         "run_config": run_config,
         "result_path": str(out_dir / "result.json"),
     }
+    found = latest_good(out_dir / "checkpoints")  # decided once here, not by each of several processes
+    spec["resume_from"] = {"checkpoint": str(found[0]), "step": found[1]} if found else None
     spec_path = out_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     (out_dir / "result.json").unlink(missing_ok=True)
-    _run_worker(spec_path, out_dir / "train.log", on_progress)
+    _run_worker(worker_command(training.distributed, spec_path), out_dir / "train.log", on_progress)
     metrics = json.loads((out_dir / "result.json").read_text())
     if "error" in metrics:
         raise {"MaskingError": MaskingError, "ModelLoadError": ModelLoadError, "DataError": DataError,
@@ -105,14 +109,14 @@ def train(
                        tokenized_sample_path=str(out_dir / "tokenized_sample.json"), metrics=metrics)
 
 
-def _run_worker(spec_path: Path, log_path: Path, on_progress: Callable[[int, int], None] | None = None) -> None:
-    """Run training in a child process, relaying its output line by line to this logger and a log file."""
+def _run_worker(command: list[str], log_path: Path, on_progress: Callable[[int, int], None] | None = None) -> None:
+    """Run training in child processes, relaying their output line by line to this logger and a log file."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     tail: list[str] = []
+    first_error = None  # with several processes, the root cause scrolls away behind the launcher's report
     with log_path.open("w", encoding="utf-8") as log_file, subprocess.Popen(
-        [sys.executable, "-m", "training.worker", str(spec_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, errors="replace",
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, errors="replace",
     ) as proc:
         for line in proc.stdout:
             log_file.write(line)
@@ -120,10 +124,12 @@ def _run_worker(spec_path: Path, log_path: Path, on_progress: Callable[[int, int
             if line and not _noise(line):
                 log.info("%s", line)
                 tail = (tail + [line])[-15:]
+                first_error = first_error or (line if ERROR_LINE.match(line) else None)
             if on_progress and (step := STEP_LINE.match(line)):
                 on_progress(int(step.group(1)), int(step.group(2)))
     if proc.returncode != 0:
-        raise TrainingError(f"training worker failed (exit {proc.returncode}); last lines:\n" + "\n".join(tail) + f"\nfull log: {log_path}")
+        cause = f"first error: {first_error}\n" if first_error and first_error not in tail else ""
+        raise TrainingError(f"training worker failed (exit {proc.returncode}); {cause}last lines:\n" + "\n".join(tail) + f"\nfull log: {log_path}")
 
 
 def _noise(line: str) -> bool:

@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 from training.backends import BackendError, choose_backend
+from training.launch import rank
 
 log = logging.getLogger("training.worker")
 
 
 def main(spec_path: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    # Under accelerate launch every process runs this; rank 0 speaks for all of them and writes the results.
+    logging.basicConfig(level=logging.INFO if rank() == 0 else logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
     spec = json.loads(Path(spec_path).read_text())
     from recipes.schema import TrainingSection
 
@@ -38,7 +40,8 @@ def main(spec_path: str) -> None:
         result = run(spec, backend, why)
     except (MaskingError, ModelLoadError, DataError, UnsupportedFamilyError) as exc:  # input problems: hand them back as themselves
         result = {"error": type(exc).__name__, "message": str(exc)}
-    Path(spec["result_path"]).write_text(json.dumps(result, indent=2))
+    if rank() == 0:
+        Path(spec["result_path"]).write_text(json.dumps(result, indent=2))
 
 
 def run(spec: dict, backend: str, why: str) -> dict:
@@ -51,7 +54,6 @@ def run(spec: dict, backend: str, why: str) -> dict:
     from recipes.schema import ModelSection, TrackingSection, TrainingSection
     from training.backends import load_hf, load_unsloth
     from data_prep.charts import draw_curve
-    from training.checkpoints import latest_good
     from training.tracking import finish_run, start_run
     from training.models import BaseModelRef, load_tokenizer
     from training.sft import build_trainer, check_collated_batch, check_packing_isolated, tokenize_rows
@@ -67,27 +69,33 @@ def run(spec: dict, backend: str, why: str) -> dict:
     tokenizer = load_tokenizer(ref, model_section)
     rows = read_jsonl(spec["train_path"])
     tokenized = tokenize_rows(tokenizer, rows, training, run_dir, spec.get("overlong", "drop"))
-    atomic_write_json(run_dir / "tokenized_sample.json", tokenized.sample)
+    main_process = rank() == 0
+    if main_process:
+        atomic_write_json(run_dir / "tokenized_sample.json", tokenized.sample)
     loader = load_unsloth if backend == "unsloth" else load_hf
     model = loader(ref, training, model_section.trust_remote_code, tokenizer)
     quantized_layers = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
     dataset = Dataset.from_list(tokenized.examples)
-    wandb_run = start_run(tracking, spec["run_name"], spec.get("run_config") or {}, run_dir)
+    wandb_run = start_run(tracking, spec["run_name"], spec.get("run_config") or {}, run_dir) if main_process else None
     trainer, stats = build_trainer(model, tokenizer, dataset, training, run_dir, report_to=["wandb"] if wandb_run else [],
                                    whole_text=tokenized.whole_text)
     check_collated_batch(trainer, tokenized.examples, tokenizer.eos_token_id, training)
     packing_difference = check_packing_isolated(trainer, tokenized.examples) if training.packing else None
 
-    found = latest_good(run_dir / "checkpoints")
-    checkpoint, resumed_step = (str(found[0]), found[1]) if found else (None, 0)
+    resume = spec.get("resume_from") or {}
+    checkpoint, resumed_step = resume.get("checkpoint"), resume.get("step", 0)
     if checkpoint:
         log.info("resumed from checkpoint at step %d (%s)", resumed_step, checkpoint)
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=checkpoint)
     runtime = time.perf_counter() - started
+    tokens_seen = _summed_over_processes(trainer, stats.tokens)
+    replicas = _replica_difference(trainer, training.distributed.strategy)
 
     adapter_dir = run_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])  # not trl's frozen DPO reference copy
+    save_adapter(trainer, adapter_dir, training.distributed.strategy)
+    if not main_process:
+        return {}
     tokenizer.save_pretrained(adapter_dir)
     curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     losses = [loss for _, loss in curve]
@@ -116,9 +124,13 @@ def run(spec: dict, backend: str, why: str) -> dict:
         "best_logged_loss": min(losses) if losses else None,
         "loss_curve": [[step, loss] for step, loss in curve],
         "loss_curve_png": str(run_dir / "loss_curve.png") if curve else None,
-        "tokens_seen": stats.tokens,
+        "tokens_seen": tokens_seen,
         "peak_memory_mb": _peak_memory_mb(),
-        "tokens_per_s": round(stats.tokens / runtime, 1) if runtime else None,
+        "tokens_per_s": round(tokens_seen / runtime, 1) if runtime else None,
+        "distributed": {"num_processes": trainer.accelerator.num_processes, "strategy": training.distributed.strategy,
+                        "model_wrapper": type(trainer.model_wrapped).__name__,
+                        "replica_max_difference": replicas,
+                        "process_group": _process_group_backend()},
         "resumed_from": checkpoint,
         "resumed_at_step": resumed_step,
         "packing_isolation_max_logit_diff": packing_difference,
@@ -130,6 +142,46 @@ def run(spec: dict, backend: str, why: str) -> dict:
         result["preference"] = preference_metrics(trainer.state.log_history)
     log.info("trained %d steps in %.1fs, loss %s", result["steps"], runtime, result["final_logged_loss"])
     return result
+
+
+def save_adapter(trainer, adapter_dir: Path, strategy: str) -> None:
+    """The trained adapter alone (not trl's frozen DPO reference copy). Sharded strategies gather the weights
+    through the Trainer, a collective every process joins; otherwise rank 0 writes it."""
+    import shutil
+
+    from training.dpo import REFERENCE_ADAPTER
+
+    if strategy in ("fsdp", "deepspeed_zero3"):
+        trainer.save_model(str(adapter_dir))
+        if trainer.accelerator.is_main_process:
+            shutil.rmtree(adapter_dir / REFERENCE_ADAPTER, ignore_errors=True)
+    elif trainer.accelerator.is_main_process:
+        trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])
+
+
+def _summed_over_processes(trainer, count: int) -> int:
+    import torch
+
+    return int(trainer.accelerator.reduce(torch.tensor(count, device=trainer.accelerator.device), reduction="sum").item())
+
+
+def _replica_difference(trainer, strategy: str) -> float | None:
+    """How far the processes' trained weights drifted apart: DDP and ZeRO-2 keep full copies equal, so anything
+    above 0 means the gradients were not synchronised. None where each process holds a shard (fsdp, ZeRO-3)."""
+    import torch
+
+    if strategy in ("fsdp", "deepspeed_zero3"):
+        return None
+    trained = [p.detach().float() for p in trainer.model.parameters() if p.requires_grad]
+    summary = torch.stack([sum(p.sum() for p in trained), sum((p * p).sum() for p in trained)]).to(trainer.accelerator.device)
+    gathered = trainer.accelerator.gather(summary[None]).reshape(-1, 2)
+    return float((gathered - gathered[0]).abs().max())
+
+
+def _process_group_backend() -> str | None:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
 
 
 def _peak_memory_mb() -> dict:
