@@ -1,4 +1,4 @@
-"""The evaluation stage: base model and candidate (base + adapter) on the same held-out rows.
+"""The evaluation stage: every suite on the base model and on the candidate (base + adapter), same rows.
 
 The candidate is evaluated with the adapter on the base in 16/32-bit, which is exactly what export
 merges and ships (for QLoRA too: the 4-bit base is a training device, not the deliverable).
@@ -6,14 +6,17 @@ merges and ships (for QLoRA too: the 4-bit base is a training device, not the de
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep.files import atomic_write_json
-from data_prep.formats import conversation_of
+from data_prep.formats import RowError, conversation_of, rename_columns, to_canonical
 from data_prep.prepare import PreparedData, read_jsonl
+from data_prep.readers import DataError, parse_jsonl_line
 from evaluation.generate import eval_loss, generate, load_model, preference_margins
-from recipes.schema import METRICS, EvaluationSection, ModelSection
+from evaluation.metrics import GENERATION, MetricOptions, score_outputs
+from recipes.schema import METRICS, PREFERENCE_METRICS, EvalSuite, EvaluationSection, ModelSection
 from training.train import TrainResult
 
 log = logging.getLogger(__name__)
@@ -22,62 +25,130 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalResult:
     report_path: str
-    examples: int
-    base: dict[str, float]
+    examples: dict[str, int]  # rows evaluated per suite
+    base: dict[str, float]  # metric key (metric, or suite/metric) -> value
     candidate: dict[str, float]
+    outcomes: dict[str, dict[str, int]] = field(default_factory=dict)  # suite -> wins/losses/ties of the candidate
 
     @property
     def delta(self) -> dict[str, float]:
         return {k: self.candidate[k] - self.base[k] for k in self.candidate}
 
     def to_dict(self) -> dict:
-        return {"report_path": self.report_path, "examples": self.examples, "base": self.base, "candidate": self.candidate, "delta": self.delta}
+        return {"report_path": self.report_path, "examples": self.examples, "base": self.base, "candidate": self.candidate,
+                "delta": self.delta, "outcomes": self.outcomes}
 
 
-def exact_match(predictions: list[str], references: list[str]) -> list[bool]:
-    return [p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)]
+@dataclass
+class SuiteScores:
+    """One model on one suite: its answers, per-example scores, and the suite's metrics."""
+
+    outputs: list[str]
+    per_example: list[dict[str, float]]
+    metrics: dict[str, float]
+    margins: list[float]
 
 
 def evaluate(section: EvaluationSection, model_section: ModelSection, trained: TrainResult, data: PreparedData, out_dir: str | Path) -> EvalResult:
-    """Score base and candidate on the held-out rows; write report.json with per-example outputs."""
+    """Score base and candidate on every suite; write report.json with every example's outputs and scores."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     out_dir = Path(out_dir)
-    rows = read_jsonl(data.eval_path)[: section.max_samples]
-    conversations = [conversation_of(row) for row in rows]
-    preference_rows = [row for row in rows if "chosen" in row]
-    references = [messages[-1]["content"] for messages in conversations]
+    suites = [(suite, suite_rows(suite, data, section.max_samples)) for suite in section.suites]
     tokenizer = AutoTokenizer.from_pretrained(trained.adapter_path)  # the tokenizer training used, template included
-
     model = load_model(trained.base.path, trained.base.revision, trust_remote_code=model_section.trust_remote_code, tokenizer=tokenizer)
-    base_out, base_metrics, base_margins = _score(model, tokenizer, conversations, references, preference_rows, section)
+    base = [score_suite(model, tokenizer, suite, rows, section) for suite, rows in suites]
     model = PeftModel.from_pretrained(model, trained.adapter_path).eval()
-    cand_out, cand_metrics, cand_margins = _score(model, tokenizer, conversations, references, preference_rows, section)
+    candidate = [score_suite(model, tokenizer, suite, rows, section) for suite, rows in suites]
 
-    examples = [
-        {"index": i, "prompt": c[-2]["content"], "reference": ref, "base_output": b, "candidate_output": o,
-         "base_exact": b.strip() == ref.strip(), "candidate_exact": o.strip() == ref.strip()}
-        for i, (c, ref, b, o) in enumerate(zip(conversations, references, base_out, cand_out, strict=True))
-    ]
-    preference_index = [i for i, row in enumerate(rows) if "chosen" in row]
-    for i, base_margin, cand_margin in zip(preference_index, base_margins, cand_margins, strict=True):
-        examples[i].update(rejected=rows[i]["rejected"][-1]["content"], base_preference_margin=round(base_margin, 4),
-                           candidate_preference_margin=round(cand_margin, 4))
-    result = EvalResult(report_path=str(out_dir / "report.json"), examples=len(rows), base=base_metrics, candidate=cand_metrics)
-    atomic_write_json(Path(result.report_path), {**result.to_dict(), "metrics_higher_is_better": METRICS, "per_example": examples})
-    log.info("eval on %d rows: base %s, candidate %s", len(rows), base_metrics, cand_metrics)
+    result = EvalResult(report_path=str(out_dir / "report.json"), examples={}, base={}, candidate={})
+    report_suites = {}
+    for (suite, rows), base_scores, cand_scores in zip(suites, base, candidate, strict=True):
+        result.examples[suite.name] = len(rows)
+        result.base.update({suite.metric_key(k): v for k, v in base_scores.metrics.items()})
+        result.candidate.update({suite.metric_key(k): v for k, v in cand_scores.metrics.items()})
+        examples = compare_examples(suite, rows, base_scores, cand_scores)
+        result.outcomes[suite.name] = {o: sum(e["outcome"] == o for e in examples) for o in ("win", "loss", "tie")}
+        report_suites[suite.name] = {"examples": len(rows), "base": base_scores.metrics, "candidate": cand_scores.metrics,
+                                     "outcomes": result.outcomes[suite.name], "per_example": examples}
+    atomic_write_json(Path(result.report_path), {**result.to_dict(), "metrics_higher_is_better": METRICS, "suites": report_suites})
+    log.info("evaluation: base %s, candidate %s", result.base, result.candidate)
     return result
 
 
-def _score(model, tokenizer, conversations, references, preference_rows, section: EvaluationSection):
-    """(outputs, metrics, preference margins) of one model; preference metrics when the eval rows are preference rows."""
+def suite_rows(suite: EvalSuite, data: PreparedData, default_max: int | None) -> list[dict]:
+    """The suite's canonical rows: the held-out split, or its own files read and validated like data sources
+    (a bad row is an error naming the file and row: evaluation data is never dropped silently)."""
+    limit = suite.max_samples or default_max
+    if not suite.sources:
+        rows = read_jsonl(data.eval_path)[:limit]
+    else:
+        from data_prep.sources import iter_source
+
+        rows = []
+        for source in suite.sources:
+            for raw in iter_source(source):
+                if raw.line is not None:  # JSONL lines arrive unparsed
+                    raw = parse_jsonl_line(raw.source, raw.row, raw.line)
+                try:
+                    if raw.error:
+                        raise RowError(raw.error)
+                    rows.append(to_canonical(rename_columns(raw.record, source.columns), source.format)[1])
+                except RowError as exc:
+                    raise DataError(f"evaluation suite {suite.name!r}: {raw.source} row {raw.row}: {exc}") from None
+        rows = rows[:limit]
+    if not rows:
+        raise DataError(f"evaluation suite {suite.name!r} has no rows")
+    wanted = [m for m in suite.metrics if m in PREFERENCE_METRICS]
+    if wanted and not all("chosen" in row for row in rows):
+        raise DataError(f"evaluation suite {suite.name!r}: {', '.join(wanted)} need preference rows ({{prompt, chosen, rejected}})")
+    if any("text" in row for row in rows):
+        raise DataError(f"evaluation suite {suite.name!r} holds text rows; suites evaluate conversations (chat or preference rows)")
+    return rows
+
+
+def score_suite(model, tokenizer, suite: EvalSuite, rows: list[dict], section: EvaluationSection) -> SuiteScores:
+    """The suite's metrics for one model: generation metrics on its greedy answers, the others on the references."""
     batch_size = section.generation.batch_size
-    outputs = generate(model, tokenizer, conversations, section.generation.max_new_tokens, batch_size)
-    matches = exact_match(outputs, references)
-    metrics = {"exact_match": sum(matches) / len(matches), "eval_loss": eval_loss(model, tokenizer, conversations, batch_size)}
-    margins = preference_margins(model, tokenizer, preference_rows, batch_size) if preference_rows else []
-    if margins:
-        metrics["preference_accuracy"] = sum(m > 0 for m in margins) / len(margins)
-        metrics["preference_margin"] = sum(margins) / len(margins)
-    return outputs, metrics, margins
+    conversations = [conversation_of(row) for row in rows]
+    references = [c[-1]["content"] for c in conversations]
+    outputs: list[str] = []
+    if any(m in GENERATION for m in suite.metrics):
+        outputs = generate(model, tokenizer, conversations, section.generation.max_new_tokens, batch_size)
+    options = MetricOptions(json_schema=suite.check_json_schema() if suite.json_schema is not None else None, regex=suite.regex)
+    metrics, per_example = score_outputs(suite.metrics, outputs, references, options) if outputs else ({}, [{} for _ in rows])
+    if {"eval_loss", "perplexity"} & set(suite.metrics):
+        loss = eval_loss(model, tokenizer, conversations, batch_size)
+        metrics.update({k: v for k, v in (("eval_loss", loss), ("perplexity", math.exp(loss))) if k in suite.metrics})
+    margins: list[float] = []
+    if set(PREFERENCE_METRICS) & set(suite.metrics):
+        margins = preference_margins(model, tokenizer, rows, batch_size)
+        metrics.update({k: v for k, v in (("preference_accuracy", sum(m > 0 for m in margins) / len(margins)),
+                                          ("preference_margin", sum(margins) / len(margins))) if k in suite.metrics})
+    return SuiteScores(outputs, per_example, {m: metrics[m] for m in suite.metrics}, margins)
+
+
+def compare_examples(suite: EvalSuite, rows: list[dict], base: SuiteScores, candidate: SuiteScores) -> list[dict]:
+    """Every example with both models' outputs and scores, and whether the candidate won, lost or tied on the
+    suite's first per-example metric (or on the preference margin)."""
+    primary = next((m for m in suite.metrics if m in GENERATION and m in (base.per_example[0] if base.per_example else {})), None)
+    examples = []
+    for i, row in enumerate(rows):
+        conversation = conversation_of(row)
+        example = {"index": i, "prompt": conversation[-2]["content"], "reference": conversation[-1]["content"]}
+        if base.outputs:
+            example.update(base_output=base.outputs[i], candidate_output=candidate.outputs[i],
+                           base_scores=base.per_example[i], candidate_scores=candidate.per_example[i])
+        if base.margins:
+            example.update(rejected=row["rejected"][-1]["content"], base_preference_margin=round(base.margins[i], 4),
+                           candidate_preference_margin=round(candidate.margins[i], 4))
+        if primary:
+            before, after = base.per_example[i][primary], candidate.per_example[i][primary]
+        elif base.margins:
+            before, after = base.margins[i], candidate.margins[i]
+        else:
+            before = after = 0.0
+        example["outcome"] = "win" if after > before else "loss" if after < before else "tie"
+        examples.append(example)
+    return examples

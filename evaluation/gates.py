@@ -14,15 +14,17 @@ class GateRejected(RuntimeError):
 @dataclass
 class GateResult:
     metric: str
-    kind: str  # min | max | min_delta_vs_base | max_delta_vs_base
+    kind: str  # min | max | min_delta_vs_base | max_delta_vs_base | no_regression_vs
+    at_least: bool  # the value must be >= the threshold (else <=)
     threshold: float
     value: float  # the compared value: the metric, or candidate minus base
     passed: bool
 
     def describe(self) -> str:
-        op = ">=" if self.kind.startswith("min") else "<="
-        what = f"{self.metric} - base" if "delta" in self.kind else self.metric
-        return f"{what} = {self.value:.4f} {'passes' if self.passed else 'fails'} {op} {self.threshold:g}"
+        op = ">=" if self.at_least else "<="
+        what = self.metric if self.kind in ("min", "max") else f"{self.metric} - base"
+        rule = " (no regression)" if self.kind == "no_regression_vs" else ""
+        return f"{what} = {self.value:.4f} {'passes' if self.passed else 'fails'} {op} {self.threshold:g}{rule}"
 
 
 @dataclass
@@ -46,12 +48,11 @@ def decide(gates: list[Gate], candidate: dict[str, float], base: dict[str, float
 
 def _apply(gate: Gate, candidate: dict[str, float], base: dict[str, float]) -> GateResult:
     value = candidate[gate.metric]
-    if "delta" in gate.kind:
+    if gate.kind not in ("min", "max"):
         value = value - base[gate.metric]
+    at_least = gate.kind.startswith("min") or (gate.kind == "no_regression_vs" and gate.higher_is_better)
     if math.isnan(value):
         passed = False
-    elif gate.kind.startswith("min"):
-        passed = value >= gate.threshold
     else:
-        passed = value <= gate.threshold
-    return GateResult(metric=gate.metric, kind=gate.kind, threshold=gate.threshold, value=value, passed=passed)
+        passed = value >= gate.threshold if at_least else value <= gate.threshold
+    return GateResult(metric=gate.metric, kind=gate.kind, at_least=at_least, threshold=gate.threshold, value=value, passed=passed)

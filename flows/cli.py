@@ -175,6 +175,7 @@ def summary(recipe: Recipe) -> str:
         f"data: {len(d.sources)} source(s): " + ", ".join(s.name for s in d.sources),
         "eval: " + (", ".join(s.name for s in d.eval_sources) if d.eval_sources else f"{d.eval_fraction:g} split (seed {d.seed})")
         + f", max {e.max_samples} samples",
+        "suites: " + "; ".join(f"{suite.name} ({', '.join(suite.metrics)})" for suite in e.suites),
         f"training: {t.method} {t.adapter} r={t.lora.r} alpha={t.lora.alpha} targets={t.lora.target_modules} backend={t.backend}",
         f"          {length} lr={t.learning_rate:g} batch={t.batch_size}x{t.gradient_accumulation_steps} "
         f"max_seq_length={t.max_seq_length} packing={t.packing} seed={t.seed}",

@@ -13,7 +13,7 @@ from evaluation.evaluate import EvalResult, evaluate
 from evaluation.gates import GateDecision, GateRejected, decide
 from recipes import Recipe, recipe_hash
 from serving.export import ArtifactResult, export_artifact
-from flows.reports import data_report_markdown, training_summary_markdown
+from flows.reports import EXAMPLES_SHOWN, data_report_markdown, example_table, training_summary_markdown
 from training.models import BaseModelRef
 from training.tracking import log_evaluation
 from training.train import TrainResult, filter_for_model, resolve_base_for, train
@@ -71,8 +71,12 @@ def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_
         key="evaluation",
         table=[{"metric": k, "base": round(result.base[k], 4), "candidate": round(result.candidate[k], 4),
                 "delta": round(result.delta[k], 4)} for k in result.candidate],
-        description=f"Evaluation on {result.examples} held-out rows; per-example outputs in {result.report_path}",
+        description="Base vs candidate per metric; rows per suite: " + ", ".join(f"{k} {v}" for k, v in result.examples.items())
+        + "; candidate wins/losses/ties per suite: " + ", ".join(f"{k} {o['win']}/{o['loss']}/{o['tie']}" for k, o in result.outcomes.items())
+        + f". Every example's outputs: {result.report_path}",
     )
+    create_table_artifact(key="evaluation-examples", table=example_table(result.report_path),
+                          description=f"Per-example outputs (first {EXAMPLES_SHOWN} of each suite), with the candidate's win, loss or tie")
     return result
 
 

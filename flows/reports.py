@@ -71,3 +71,21 @@ def training_summary_markdown(name: str, trained: TrainResult, adapter: str, ran
 | peak memory | {memory.get('mb')} MB ({memory.get('device')}) |
 | wandb | {m['wandb'] or 'disabled'} |
 {_embedded_png(m.get('loss_curve_png'), 'training loss curve')}"""
+
+
+EXAMPLES_SHOWN = 50  # per suite in the UI table; report.json holds them all
+
+
+def example_table(report_path: str) -> list[dict]:
+    """Rows of the per-example table: suite, prompt, reference, both outputs (or preference margins), outcome."""
+    import json
+
+    report = json.loads(Path(report_path).read_text())
+    rows = []
+    for name, suite in report["suites"].items():
+        for example in suite["per_example"][:EXAMPLES_SHOWN]:
+            rows.append({"suite": name, "outcome": example["outcome"], "prompt": example["prompt"][:300],
+                         "reference": example["reference"][:300],
+                         "base": example.get("base_output", example.get("base_preference_margin")),
+                         "candidate": example.get("candidate_output", example.get("candidate_preference_margin"))})
+    return rows

@@ -70,6 +70,15 @@ def _resolve_relative_paths(raw: dict[str, Any], base_dir: Path) -> None:
             for source in data.get(key) or []:
                 if isinstance(source, dict) and isinstance(source.get("path"), str):
                     source["path"] = _anchor(source["path"], base_dir)
+    evaluation = raw.get("evaluation")
+    for suite in (evaluation.get("suites") or []) if isinstance(evaluation, dict) else []:
+        if not isinstance(suite, dict):
+            continue
+        for source in suite.get("sources") or []:
+            if isinstance(source, dict) and isinstance(source.get("path"), str):
+                source["path"] = _anchor(source["path"], base_dir)
+        if isinstance(suite.get("json_schema"), str):
+            suite["json_schema"] = _anchor(suite["json_schema"], base_dir)
     model = raw.get("model")
     if isinstance(model, dict):
         for key in ("base", "chat_template"):

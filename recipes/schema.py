@@ -14,10 +14,15 @@ SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "data"
 TINY_PREFIX = "tiny:"
 TINY_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 
-# Metrics the evaluation stage produces, and whether a higher value is better.
-METRICS: dict[str, bool] = {"exact_match": True, "eval_loss": False, "preference_accuracy": True, "preference_margin": True}
-# Metrics computed only on preference eval rows (training.method: dpo).
+# Metrics an evaluation suite can select, and whether a higher value is better. Generation metrics score the
+# greedy answers against the references (evaluation/metrics.py); the others score the references with the model.
+GENERATION_METRICS = ("exact_match", "normalized_exact_match", "token_f1", "rouge_l", "json_valid", "json_schema",
+                      "json_field_accuracy", "regex_match", "label_accuracy", "label_macro_f1")
+# Computed only on preference eval rows (training.method: dpo).
 PREFERENCE_METRICS = ("preference_accuracy", "preference_margin")
+METRICS: dict[str, bool] = {**dict.fromkeys(GENERATION_METRICS, True), "eval_loss": False, "perplexity": False,
+                            **dict.fromkeys(PREFERENCE_METRICS, True)}
+HELD_OUT_SUITE = "heldout"
 
 
 class Section(BaseModel):
@@ -273,31 +278,45 @@ def unsloth_cannot_run(training: TrainingSection) -> list[str]:
     return reasons
 
 
+GATE_KINDS = ("min", "max", "min_delta_vs_base", "max_delta_vs_base", "no_regression_vs")
+
+
 class Gate(Section):
-    metric: str = Field(description="Metric name: " + ", ".join(METRICS))
+    metric: str = Field(description="A metric a suite measures: its name (held-out suite) or <suite>.<metric>: " + ", ".join(METRICS))
     min: float | None = Field(None, description="Candidate value must be at least this.")
     max: float | None = Field(None, description="Candidate value must be at most this.")
     min_delta_vs_base: float | None = Field(None, description="Candidate minus base must be at least this.")
     max_delta_vs_base: float | None = Field(None, description="Candidate minus base must be at most this (e.g. -0.1 for loss).")
+    no_regression_vs: Literal["base"] | None = Field(
+        None, description="The candidate may not be worse than the base model by more than `tolerance` (in the metric's "
+        "better direction: higher accuracy, lower loss)."
+    )
+    tolerance: float = Field(0.0, ge=0, description="How much worse than the reference a no_regression_vs gate allows.")
 
     @model_validator(mode="after")
     def _one_known_threshold(self) -> "Gate":
-        if self.metric not in METRICS:
+        if self.metric.rpartition(".")[2] not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r}; use one of: " + ", ".join(METRICS))
-        set_bounds = [k for k in ("min", "max", "min_delta_vs_base", "max_delta_vs_base") if getattr(self, k) is not None]
+        set_bounds = [k for k in GATE_KINDS if getattr(self, k) is not None]
         if len(set_bounds) != 1:
-            raise ValueError(
-                "a gate needs exactly one of min, max, min_delta_vs_base, max_delta_vs_base "
-                f"(got {', '.join(set_bounds) or 'none'})"
-            )
+            raise ValueError(f"a gate needs exactly one of {', '.join(GATE_KINDS)} (got {', '.join(set_bounds) or 'none'})")
+        if self.tolerance and self.no_regression_vs is None:
+            raise ValueError("tolerance applies to no_regression_vs gates only")
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("min", "max", "min_delta_vs_base", "max_delta_vs_base") if getattr(self, k) is not None)
+        return next(k for k in GATE_KINDS if getattr(self, k) is not None)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return METRICS[self.metric.rpartition(".")[2]]
 
     @property
     def threshold(self) -> float:
+        """The bound the compared value must meet; for no-regression, the allowed change in the worse direction."""
+        if self.kind == "no_regression_vs":
+            return -self.tolerance if self.higher_is_better else self.tolerance
         return getattr(self, self.kind)
 
 
@@ -306,10 +325,91 @@ class GenerationSection(Section):
     batch_size: int = Field(16, gt=0, description="Prompts generated together (greedy decoding).")
 
 
+class EvalSuite(Section):
+    name: str = Field(HELD_OUT_SUITE, pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$",
+                      description=f"Suite name. The {HELD_OUT_SUITE!r} suite's metrics keep their plain names (exact_match); "
+                      "another suite's are named <suite>.<metric> in gates and reports.")
+    sources: list[DataSource] = Field(
+        default_factory=list, description="Eval files in any data-source format. Empty: the held-out split of the data stage."
+    )
+    metrics: list[Literal[tuple(METRICS)]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["exact_match", "eval_loss"], min_length=1,
+        description="Metrics computed on every model: " + ", ".join(METRICS),
+    )
+    json_schema: dict | str | None = Field(
+        None, description="JSON schema the answers must follow (the json_schema metric): inline, or a path to a .json file."
+    )
+    regex: str | None = Field(None, description="Regular expression a whole answer must match (the regex_match metric).")
+    max_samples: int | None = Field(None, gt=0, description="Rows of this suite evaluated (default: evaluation.max_samples).")
+
+    @model_validator(mode="after")
+    def _metric_options_given(self) -> "EvalSuite":
+        import re
+
+        if "json_schema" in self.metrics and self.json_schema is None:
+            raise ValueError("metric json_schema needs json_schema: a schema or a path to one")
+        if "regex_match" in self.metrics and self.regex is None:
+            raise ValueError("metric regex_match needs regex")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from None
+        if self.json_schema is not None:
+            self.check_json_schema()
+        return self
+
+    def check_json_schema(self) -> dict:
+        """The schema, read from its file when given a path, and checked against its meta-schema."""
+        import json
+
+        from jsonschema import Draft202012Validator, SchemaError
+
+        schema = self.json_schema
+        if isinstance(schema, str):
+            path = Path(schema)
+            if not path.is_file():
+                raise ValueError(f"json_schema file not found: {schema}")
+            try:
+                schema = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"json_schema file {schema} is not JSON: {exc}") from None
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            raise ValueError(f"json_schema is not a valid JSON schema: {exc.message}") from None
+        return schema
+
+    def metric_key(self, metric: str) -> str:
+        return metric if self.name == HELD_OUT_SUITE else f"{self.name}.{metric}"
+
+
 class EvaluationSection(Section):
-    max_samples: int | None = Field(200, gt=0, description="Evaluate on at most this many held-out rows (None: all).")
+    max_samples: int | None = Field(200, gt=0, description="Evaluate on at most this many rows of each suite (None: all).")
     generation: GenerationSection = Field(default_factory=GenerationSection)
+    suites: list[EvalSuite] = Field(
+        default_factory=lambda: [EvalSuite()], min_length=1,
+        description=f"What is evaluated, each on the base model and the candidate: the {HELD_OUT_SUITE!r} split and any eval files.",
+    )
     gates: list[Gate] = Field(default_factory=list, description="Promotion gates; any failure stops the run before export.")
+
+    @model_validator(mode="after")
+    def _suites_named_once_and_gates_known(self) -> "EvaluationSection":
+        names = [suite.name for suite in self.suites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"suites: names must differ (got {', '.join(names)})")
+        for i, suite in enumerate(self.suites):
+            if suite.name == HELD_OUT_SUITE and suite.sources:
+                raise ValueError(f"suites[{i}]: the {HELD_OUT_SUITE!r} suite is the held-out split; give a suite with sources another name")
+        known = self.metric_keys()
+        for i, gate in enumerate(self.gates):
+            if gate.metric not in known:
+                raise ValueError(f"gates[{i}].metric {gate.metric!r} is not measured by any suite; measured: {', '.join(known)}")
+        return self
+
+    def metric_keys(self) -> list[str]:
+        """Every metric the suites produce, as gates and reports name them."""
+        return [suite.metric_key(m) for suite in self.suites for m in suite.metrics]
 
 
 class ExportSection(Section):
@@ -358,8 +458,9 @@ class Recipe(Section):
                     wanted = "preference" if dpo else "a chat or text format"
                     raise ValueError(f"data.{field}[{i}].format is {source.format} but training.method={self.training.method} "
                                      f"trains on {wanted} rows")
-        for i, gate in enumerate(self.evaluation.gates):
-            if gate.metric in PREFERENCE_METRICS and not dpo:
-                raise ValueError(f"evaluation.gates[{i}].metric {gate.metric} is measured on preference rows: "
-                                 "it needs training.method: dpo")
+        for i, suite in enumerate(self.evaluation.suites):
+            for metric in suite.metrics:
+                if metric in PREFERENCE_METRICS and not dpo:
+                    raise ValueError(f"evaluation.suites[{i}].metrics: {metric} is measured on preference rows: "
+                                     "it needs training.method: dpo")
         return self

@@ -60,7 +60,8 @@ def test_a_preference_row_whose_answers_are_equal_is_quarantined():
 @pytest.mark.parametrize("overrides, message", [
     (["training.method=dpo", "training.packing=true"], "packing is not available with method: dpo"),
     (["training.method=dpo", "training.lora.modules_to_save=[lm_head]"], "lm_head cannot be trained with method: dpo"),
-    (["evaluation.gates=[{metric: preference_accuracy, min: 0.9}]"], "evaluation.gates[0].metric preference_accuracy is measured on preference rows"),
+    (["evaluation.gates=[{metric: preference_accuracy, min: 0.9}]"], "gates[0].metric 'preference_accuracy' is not measured by any suite"),
+    (["evaluation.suites=[{metrics: [preference_accuracy]}]", "evaluation.gates=[]"], "evaluation.suites[0].metrics: preference_accuracy is measured on preference rows: it needs training.method: dpo"),
     (["training.method=dpo", "data.sources.0.format=chat"], "data.sources[0].format is chat but training.method=dpo trains on preference rows"),
     (["data.sources.0.format=preference"], "data.sources[0].format is preference but training.method=sft"),
 ])
@@ -121,8 +122,10 @@ def test_dpo_recipe_learns_the_preference_and_passes_its_gates(tmp_path):
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert report["base"]["preference_accuracy"] < 0.7 <= 0.9 <= report["candidate"]["preference_accuracy"]
     assert report["candidate"]["preference_margin"] > report["base"]["preference_margin"] + 5
-    example = report["per_example"][0]
-    assert {"rejected", "base_preference_margin", "candidate_preference_margin"} <= set(example)
+    heldout = report["suites"]["heldout"]
+    example = heldout["per_example"][0]
+    assert {"rejected", "base_preference_margin", "candidate_preference_margin", "outcome"} <= set(example)
+    assert heldout["outcomes"]["win"] > heldout["outcomes"]["loss"]
     manifest = json.loads((run_dir / "artifact" / "manifest.json").read_text())
     assert manifest["gates"]["passed"] and [g["metric"] for g in manifest["gates"]["results"]] == ["preference_accuracy"] * 2
     assert manifest["merge"]["equivalence"]["passed"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from evaluation.gates import decide
 from recipes.schema import EvaluationSection, ExportSection, Gate, ModelSection, TrackingSection, TrainingSection
 from serving.checks import check_adapter_servable, check_merged_model, check_template_matches_training
 from serving.export import ExportError, export_artifact
+from tests.conftest import ROOT
 from training.train import train
 
 LINEAGE = {"name": "test", "recipe_hash": "0" * 64, "recipe": {"training": {"method": "sft", "adapter": "lora"}},
@@ -47,17 +49,54 @@ def test_gates_report_every_gate_with_value_and_threshold():
     )
 
 
+def test_no_regression_gates_allow_the_tolerance_in_the_metrics_worse_direction():
+    accuracy = Gate(metric="extra.token_f1", no_regression_vs="base", tolerance=0.02)
+    loss = Gate(metric="eval_loss", no_regression_vs="base", tolerance=0.1)
+    held = decide([accuracy, loss], {"extra.token_f1": 0.79, "eval_loss": 2.05}, {"extra.token_f1": 0.80, "eval_loss": 2.0})
+    assert held.passed and held.results[0].describe() == "extra.token_f1 - base = -0.0100 passes >= -0.02 (no regression)"
+    dropped = decide([accuracy, loss], {"extra.token_f1": 0.70, "eval_loss": 2.2}, {"extra.token_f1": 0.80, "eval_loss": 2.0})
+    assert dropped.failure_message() == ("2 of 2 gates failed: extra.token_f1 - base = -0.1000 fails >= -0.02 (no regression); "
+                                         "eval_loss - base = 0.2000 fails <= 0.1 (no regression)")
+    with pytest.raises(ValueError, match="tolerance applies to no_regression_vs gates only"):
+        Gate(metric="eval_loss", max=1.0, tolerance=0.1)
+
+
 def test_evaluation_scores_base_and_candidate_on_the_same_rows(trained_lora, prepared_small, tmp_path):
     from evaluation.evaluate import evaluate
 
-    result = evaluate(EvaluationSection(max_samples=16), ModelSection(), trained_lora, prepared_small, tmp_path)
+    schema = str(ROOT / "recipes" / "data" / "ticket_answer.schema.json")
+    suite = {"metrics": ["exact_match", "token_f1", "json_valid", "json_schema", "json_field_accuracy", "eval_loss", "perplexity"],
+             "json_schema": schema}
+    result = evaluate(EvaluationSection(max_samples=16, suites=[suite]), ModelSection(), trained_lora, prepared_small, tmp_path)
     report = json.loads(Path(result.report_path).read_text())
-    assert result.examples == 16 and len(report["per_example"]) == 16
-    assert result.base["exact_match"] == 0.0
+    heldout = report["suites"]["heldout"]
+    assert result.examples == {"heldout": 16} and len(heldout["per_example"]) == 16
+    assert result.base["exact_match"] == 0.0 and result.base["json_valid"] == 0.0
     assert result.candidate["eval_loss"] < result.base["eval_loss"] / 3
-    first = report["per_example"][0]
-    assert set(first) == {"index", "prompt", "reference", "base_output", "candidate_output", "base_exact", "candidate_exact"}
-    assert result.candidate["exact_match"] == sum(e["candidate_exact"] for e in report["per_example"]) / 16
+    assert result.candidate["perplexity"] == pytest.approx(math.exp(result.candidate["eval_loss"]))
+    first = heldout["per_example"][0]
+    assert set(first) == {"index", "prompt", "reference", "base_output", "candidate_output", "base_scores", "candidate_scores", "outcome"}
+    assert result.candidate["exact_match"] == sum(e["candidate_scores"]["exact_match"] for e in heldout["per_example"]) / 16
+    assert sum(result.outcomes["heldout"].values()) == 16
+    assert result.outcomes["heldout"]["win"] == sum(e["outcome"] == "win" for e in heldout["per_example"])
+    assert result.candidate["json_schema"] <= result.candidate["json_valid"]
+
+
+def test_an_extra_eval_file_is_its_own_suite_and_a_bad_row_names_the_file(trained_lora, prepared_small, tmp_path):
+    from data_prep.readers import DataError
+    from evaluation.evaluate import evaluate
+    from tests.conftest import SAMPLE_HELDOUT, read_rows, write_jsonl
+
+    rows = [{"prompt": r["messages"][1]["content"], "completion": r["messages"][2]["content"]} for r in read_rows(SAMPLE_HELDOUT, 6)]
+    extra = write_jsonl(tmp_path / "extra.jsonl", rows)
+    section = EvaluationSection(suites=[{"metrics": ["exact_match"]}, {"name": "extra", "sources": [{"path": str(extra)}],
+                                                                         "metrics": ["exact_match", "rouge_l"]}])
+    result = evaluate(section, ModelSection(), trained_lora, prepared_small, tmp_path / "eval")
+    assert result.examples == {"heldout": 200 if prepared_small.eval_rows > 200 else prepared_small.eval_rows, "extra": 6}
+    assert set(result.candidate) == {"exact_match", "extra.exact_match", "extra.rouge_l"}
+    write_jsonl(extra, rows[:2] + [{"prompt": "no answer"}])
+    with pytest.raises(DataError, match=r"evaluation suite 'extra': .*extra.jsonl row 3: unrecognised row format"):
+        evaluate(section, ModelSection(), trained_lora, prepared_small, tmp_path / "eval2")
 
 
 def test_artifact_has_every_file_vllm_and_lineage_need(artifact, trained_lora):

@@ -81,7 +81,11 @@ def test_flow_publishes_an_artifact_per_stage_and_fails_on_the_gate(prefect_serv
             return {a.key: a for a in found if a.key}  # keyless ones are Prefect's own result records
 
     published = asyncio.run(artifacts())
-    assert set(published) == {"data-report", "training-progress", "training-summary", "evaluation", "gate-decision"}
+    assert set(published) == {"data-report", "training-progress", "training-summary", "evaluation", "evaluation-examples", "gate-decision"}
+    metrics = {row["metric"]: row for row in json.loads(published["evaluation"].data)}
+    assert set(metrics) == set(recipe.evaluation.metric_keys()) and {"base", "candidate", "delta"} <= set(metrics["token_f1"])
+    examples = json.loads(published["evaluation-examples"].data)
+    assert len(examples) == 8 and {"suite", "outcome", "prompt", "reference", "base", "candidate"} == set(examples[0])
     assert published["training-progress"].type == "progress" and published["training-progress"].data == 100.0
     summary = published["training-summary"].data
     assert "| steps / epochs | 3 /" in summary and "tokens seen" in summary and "peak memory" in summary

@@ -60,9 +60,10 @@ def test_unknown_keys_are_errors_with_a_suggestion(raw, expected):
         ({"model": {"base": "tiny:gpt2"}}, "model: unknown tiny model 'tiny:gpt2'; use one of tiny:llama, tiny:mistral, tiny:mixtral, tiny:qwen2, tiny:qwen3"),
         ({"data": {"eval_fraction": 1.5}}, "data.eval_fraction: Input should be less than 1 (got 1.5)"),
         ({"name": "My Run"}, "name: String should match pattern '^[a-z0-9][a-z0-9._-]{0,63}$' (got 'My Run')"),
-        ({"evaluation": {"gates": [{"metric": "bleu", "min": 1}]}}, "evaluation.gates.0: unknown metric 'bleu'; use one of: exact_match, eval_loss, preference_accuracy, preference_margin"),
+        ({"evaluation": {"gates": [{"metric": "bleu", "min": 1}]}}, "evaluation.gates.0: unknown metric 'bleu'; use one of: exact_match, normalized_exact_match, token_f1, rouge_l, json_valid, "
+         "json_schema, json_field_accuracy, regex_match, label_accuracy, label_macro_f1, eval_loss, perplexity, preference_accuracy, preference_margin"),
         ({"evaluation": {"gates": [{"metric": "exact_match", "min": 0.9, "max": 1}]}},
-         "evaluation.gates.0: a gate needs exactly one of min, max, min_delta_vs_base, max_delta_vs_base (got min, max)"),
+         "evaluation.gates.0: a gate needs exactly one of min, max, min_delta_vs_base, max_delta_vs_base, no_regression_vs (got min, max)"),
         ({"export": {"merged": False, "adapter": False}}, "export: merged and adapter are both false: nothing would be exported"),
         ({"data": {"sources": [{"hub": "acme/x", "path": "x.jsonl"}]}}, "data.sources.0: a source needs exactly one of path or hub"),
         ({"data": {"sources": [{"path": "x.jsonl", "weight": 0}]}}, "data.sources.0.weight: Input should be greater than 0 (got 0)"),
