@@ -16,7 +16,7 @@ from data_prep.prepare import PreparedData, read_jsonl
 from data_prep.readers import DataError, parse_jsonl_line
 from evaluation.generate import eval_loss, generate, load_model, preference_margins
 from evaluation.metrics import GENERATION, MetricOptions, score_outputs
-from recipes.schema import METRICS, PREFERENCE_METRICS, EvalSuite, EvaluationSection, ModelSection
+from recipes.schema import METRIC_DIRECTIONS, PREFERENCE_METRICS, SAFETY_SUITE, EvalSuite, EvaluationSection, ModelSection
 from training.train import TrainResult
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,10 @@ def evaluate(section: EvaluationSection, model_section: ModelSection, trained: T
     tokenizer = AutoTokenizer.from_pretrained(trained.adapter_path)  # the tokenizer training used, template included
     model = load_model(trained.base.path, trained.base.revision, trust_remote_code=model_section.trust_remote_code, tokenizer=tokenizer)
     base = [score_suite(model, tokenizer, suite, rows, section) for suite, rows in suites]
+    base_safety = _safety(model, tokenizer, section, suites)
     model = PeftModel.from_pretrained(model, trained.adapter_path).eval()
     candidate = [score_suite(model, tokenizer, suite, rows, section) for suite, rows in suites]
+    candidate_safety = _safety(model, tokenizer, section, suites)
 
     result = EvalResult(report_path=str(out_dir / "report.json"), examples={}, base={}, candidate={})
     report_suites = {}
@@ -72,9 +74,31 @@ def evaluate(section: EvaluationSection, model_section: ModelSection, trained: T
         result.outcomes[suite.name] = {o: sum(e["outcome"] == o for e in examples) for o in ("win", "loss", "tie")}
         report_suites[suite.name] = {"examples": len(rows), "base": base_scores.metrics, "candidate": cand_scores.metrics,
                                      "outcomes": result.outcomes[suite.name], "per_example": examples}
-    atomic_write_json(Path(result.report_path), {**result.to_dict(), "metrics_higher_is_better": METRICS, "suites": report_suites})
+    safety = {}
+    if section.safety.enabled:
+        result.base.update({f"{SAFETY_SUITE}.{k}": v for k, v in base_safety[0].items()})
+        result.candidate.update({f"{SAFETY_SUITE}.{k}": v for k, v in candidate_safety[0].items()})
+        safety = {"base": base_safety[0], "candidate": candidate_safety[0], "per_probe": [
+            {"kind": b["kind"], "prompt": b["prompt"], "variants": b.get("variants"), "base_answer": b.get("answer", b.get("answers")),
+             "candidate_answer": c.get("answer", c.get("answers")), "base_safe": b["safe"], "candidate_safe": c["safe"]}
+            for b, c in zip(base_safety[1], candidate_safety[1], strict=True)]}
+    atomic_write_json(Path(result.report_path), {**result.to_dict(), "metrics_higher_is_better": METRIC_DIRECTIONS,
+                                                 "suites": report_suites, SAFETY_SUITE: safety})
     log.info("evaluation: base %s, candidate %s", result.base, result.candidate)
     return result
+
+
+def _safety(model, tokenizer, section: EvaluationSection, suites: list[tuple[EvalSuite, list[dict]]]) -> tuple[dict, list[dict]]:
+    """Red-team and bias probes, asked under the task's system prompt (that of the held-out rows, when they share one)."""
+    if not section.safety.enabled:
+        return {}, []
+    from evaluation.safety import run_safety
+
+    rows = next((rows for suite, rows in suites if not suite.sources), suites[0][1])
+    conversations = [conversation_of(row) for row in rows]
+    systems = {c[0]["content"] for c in conversations if c[0]["role"] == "system"}
+    system = systems.pop() if len(systems) == 1 and all(c[0]["role"] == "system" for c in conversations) else None
+    return run_safety(model, tokenizer, section.safety, [c[-2]["content"] for c in conversations], section.generation.batch_size, system)
 
 
 def suite_rows(suite: EvalSuite, data: PreparedData, default_max: int | None) -> list[dict]:
@@ -131,8 +155,9 @@ def score_suite(model, tokenizer, suite: EvalSuite, rows: list[dict], section: E
 
 def compare_examples(suite: EvalSuite, rows: list[dict], base: SuiteScores, candidate: SuiteScores) -> list[dict]:
     """Every example with both models' outputs and scores, and whether the candidate won, lost or tied on the
-    suite's first per-example metric (or on the preference margin)."""
-    primary = next((m for m in suite.metrics if m in GENERATION and m in (base.per_example[0] if base.per_example else {})), None)
+    suite's first metric that scores each example (a generation metric, or the preference margin)."""
+    primary = next((m for m in suite.metrics if m in (base.per_example[0] if base.per_example else {})
+                    or (m in PREFERENCE_METRICS and base.margins)), None)  # the first metric scored per example
     examples = []
     for i, row in enumerate(rows):
         conversation = conversation_of(row)
@@ -143,10 +168,10 @@ def compare_examples(suite: EvalSuite, rows: list[dict], base: SuiteScores, cand
         if base.margins:
             example.update(rejected=row["rejected"][-1]["content"], base_preference_margin=round(base.margins[i], 4),
                            candidate_preference_margin=round(candidate.margins[i], 4))
-        if primary:
-            before, after = base.per_example[i][primary], candidate.per_example[i][primary]
-        elif base.margins:
+        if primary in PREFERENCE_METRICS:
             before, after = base.margins[i], candidate.margins[i]
+        elif primary:
+            before, after = base.per_example[i][primary], candidate.per_example[i][primary]
         else:
             before = after = 0.0
         example["outcome"] = "win" if after > before else "loss" if after < before else "tie"

@@ -47,9 +47,10 @@ def decide(gates: list[Gate], candidate: dict[str, float], base: dict[str, float
 
 
 def _apply(gate: Gate, candidate: dict[str, float], base: dict[str, float]) -> GateResult:
-    value = candidate[gate.metric]
+    """A metric that was not measured (e.g. no probe of its kind) is NaN and fails its gate."""
+    value = candidate.get(gate.metric, math.nan)
     if gate.kind not in ("min", "max"):
-        value = value - base[gate.metric]
+        value = value - base.get(gate.metric, math.nan)
     at_least = gate.kind.startswith("min") or (gate.kind == "no_regression_vs" and gate.higher_is_better)
     if math.isnan(value):
         passed = False

@@ -13,7 +13,7 @@ from evaluation.evaluate import EvalResult, evaluate
 from evaluation.gates import GateDecision, GateRejected, decide
 from recipes import Recipe, recipe_hash
 from serving.export import ArtifactResult, export_artifact
-from flows.reports import EXAMPLES_SHOWN, data_report_markdown, example_table, training_summary_markdown
+from flows.reports import EXAMPLES_SHOWN, data_report_markdown, example_table, safety_table, training_summary_markdown
 from training.models import BaseModelRef
 from training.tracking import log_evaluation
 from training.train import TrainResult, filter_for_model, resolve_base_for, train
@@ -77,6 +77,11 @@ def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_
     )
     create_table_artifact(key="evaluation-examples", table=example_table(result.report_path),
                           description=f"Per-example outputs (first {EXAMPLES_SHOWN} of each suite), with the candidate's win, loss or tie")
+    if recipe.evaluation.safety.enabled:
+        create_table_artifact(key="safety", table=safety_table(result.report_path),
+                              description="Red-team and counterfactual bias probes: " + ", ".join(
+                                  f"{k.removeprefix('safety.')} {result.base[k]:.3f} -> {result.candidate[k]:.3f}"
+                                  for k in result.candidate if k.startswith("safety.")))
     return result
 
 

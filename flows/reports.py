@@ -89,3 +89,12 @@ def example_table(report_path: str) -> list[dict]:
                          "base": example.get("base_output", example.get("base_preference_margin")),
                          "candidate": example.get("candidate_output", example.get("candidate_preference_margin"))})
     return rows
+
+
+def safety_table(report_path: str) -> list[dict]:
+    """One row per red-team or bias probe: what was asked, whether each model handled it safely, the candidate's answer."""
+    import json
+
+    safety = json.loads(Path(report_path).read_text()).get("safety") or {}
+    return [{"kind": p["kind"], "prompt": p["prompt"][:200], "base safe": p["base_safe"], "candidate safe": p["candidate_safe"],
+             "candidate answer": json.dumps(p["candidate_answer"], ensure_ascii=False)[:200]} for p in safety.get("per_probe", [])]

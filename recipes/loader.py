@@ -71,6 +71,9 @@ def _resolve_relative_paths(raw: dict[str, Any], base_dir: Path) -> None:
                 if isinstance(source, dict) and isinstance(source.get("path"), str):
                     source["path"] = _anchor(source["path"], base_dir)
     evaluation = raw.get("evaluation")
+    safety = evaluation.get("safety") if isinstance(evaluation, dict) else None
+    if isinstance(safety, dict) and isinstance(safety.get("red_team_files"), list):
+        safety["red_team_files"] = [_anchor(f, base_dir) if isinstance(f, str) else f for f in safety["red_team_files"]]
     for suite in (evaluation.get("suites") or []) if isinstance(evaluation, dict) else []:
         if not isinstance(suite, dict):
             continue

@@ -23,7 +23,9 @@ def test_quickstart_runs_end_to_end_and_passes_its_gates(tmp_path):
     artifact = Path(last.removeprefix("artifact: "))
     assert artifact.parent.parent == tmp_path and artifact.parent.name.startswith("quickstart-")
     manifest = json.loads((artifact / "manifest.json").read_text())
-    assert manifest["gates"]["passed"] and len(manifest["gates"]["results"]) == 2
+    assert manifest["gates"]["passed"] and len(manifest["gates"]["results"]) == 3
+    safety = {k: v for k, v in manifest["evaluation"]["candidate"].items() if k.startswith("safety.")}
+    assert set(safety) == {"safety.refusal_rate", "safety.injection_resistance", "safety.pii_leak_rate", "safety.bias_change_rate"}
     assert manifest["evaluation"]["candidate"]["exact_match"] >= 0.9
     assert manifest["evaluation"]["base"]["exact_match"] <= 0.1
     assert manifest["recipe"]["name"] == "quickstart" and len(manifest["recipe_hash"]) == 64
@@ -41,7 +43,7 @@ def test_rejected_gate_exits_1_and_exports_nothing(tmp_path):
     result = run_ftpipe("run", "quickstart", "--set", "training.max_steps=3", "--set", "evaluation.max_samples=10",
                         "--set", "evaluation.generation.max_new_tokens=8", "--output-dir", str(tmp_path))
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "error: 1 of 2 gates failed: exact_match = 0.0000 fails >= 0.9" in result.stderr or "error: 2 of 2 gates failed" in result.stderr
+    assert "gates failed: exact_match = 0.0000 fails >= 0.9" in result.stderr
     assert not list(tmp_path.glob("*/artifact"))
 
 
@@ -81,7 +83,10 @@ def test_flow_publishes_an_artifact_per_stage_and_fails_on_the_gate(prefect_serv
             return {a.key: a for a in found if a.key}  # keyless ones are Prefect's own result records
 
     published = asyncio.run(artifacts())
-    assert set(published) == {"data-report", "training-progress", "training-summary", "evaluation", "evaluation-examples", "gate-decision"}
+    assert set(published) == {"data-report", "training-progress", "training-summary", "evaluation", "evaluation-examples", "safety",
+                              "gate-decision"}
+    probes = json.loads(published["safety"].data)
+    assert {p["kind"] for p in probes} == {"harmful", "jailbreak", "prompt_injection", "pii_extraction", "bias"}
     metrics = {row["metric"]: row for row in json.loads(published["evaluation"].data)}
     assert set(metrics) == set(recipe.evaluation.metric_keys()) and {"base", "candidate", "delta"} <= set(metrics["token_f1"])
     examples = json.loads(published["evaluation-examples"].data)
