@@ -1,6 +1,7 @@
-"""The `ftpipe` command line: validate, schema, prepare, run.
+"""The `ftpipe` command line: validate, estimate, schema, prepare, run, approve.
 
-Exit codes of `ftpipe run` (and `ftpipe prepare`): 0 success, 1 a gate rejected the model, 2 invalid recipe or input data,
+Exit codes of `ftpipe run` (and `ftpipe prepare`): 0 success, 1 a gate or the reviewer rejected the model (or no decision came in
+time), 2 invalid recipe or input data,
 3 the run failed for another reason (the message and the Prefect flow run say why).
 """
 from __future__ import annotations
@@ -57,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     _recipe_args(run)
     run.add_argument("--output-dir", default="runs", help="folder that holds run folders (default: ./runs)")
     run.set_defaults(handler=_run)
+
+    approve = sub.add_parser("approve", help="approve (or --reject) the promotion a paused finetune run waits for, through the Prefect API")
+    approve.add_argument("flow_run_id", help="the paused flow run's id (Prefect UI, or `prefect flow-run ls --state Paused`)")
+    approve.add_argument("--reviewer", required=True, help="your name as listed in the recipe's approval.reviewers")
+    approve.add_argument("--reject", action="store_true", help="reject: the model is not promoted")
+    approve.add_argument("--comment", default="", help="why; kept in manifest.json and the model card")
+    approve.set_defaults(handler=_approve)
 
     prepare = sub.add_parser("prepare", help="run the data stage alone, into the folder `ftpipe run` would use")
     _recipe_args(prepare)
@@ -218,10 +226,36 @@ def _run_flow(flow, args, label: str) -> int:
     if state.is_completed():
         print(f"{label}: {state.result()}")
         return EXIT_OK
+    if recipe.approval.required and "never resumed" in (state.message or ""):
+        # the server fails a run whose approval pause expired, replacing the run's own PromotionRefused
+        print(f"error: not promoted: no decision within {recipe.approval.timeout_hours:g} h ({state.message})", file=sys.stderr)
+        return EXIT_GATE
     error = state.result(raise_on_failure=False)
     code = exit_code_for(error)
     print(f"error: {error}" if isinstance(error, BaseException) else f"error: flow run ended {state.name}: {state.message}", file=sys.stderr)
     return code
+
+
+def _approve(args) -> int:
+    """Resume the paused run with the reviewer's decision; refuse, without resuming, a run that is not waiting for
+    one or a reviewer the run's recipe does not list."""
+    from uuid import UUID
+
+    from flows.approval import PromotionDecision, read_paused_run, resume_with_decision
+
+    try:
+        run_id = UUID(args.flow_run_id)
+    except ValueError:
+        print(f"error: {args.flow_run_id!r} is not a flow run id", file=sys.stderr)
+        return EXIT_INPUT
+    run, problem = read_paused_run(run_id, args.reviewer)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_INPUT
+    decision = PromotionDecision(decision="reject" if args.reject else "approve", reviewer=args.reviewer, comment=args.comment)
+    resume_with_decision(run, decision)
+    print(f"flow run {run_id} resumed: {decision.decision} by {args.reviewer}; the run records it in manifest.json")
+    return EXIT_OK
 
 
 def _route_stage_logs() -> None:
@@ -246,7 +280,9 @@ def exit_code_for(error: object) -> int:
     from training.models import ModelLoadError
     from training.tokenize import MaskingError
 
-    if isinstance(error, GateRejected):
+    from flows.approval import PromotionRefused
+
+    if isinstance(error, (GateRejected, PromotionRefused)):
         return EXIT_GATE
     if isinstance(error, (RecipeError, DataError, RowError, ModelLoadError, MaskingError, UnsupportedFamilyError, BackendError,
                           LaunchError)):

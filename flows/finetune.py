@@ -12,8 +12,9 @@ from data_prep.prepare import PreparedData, prepare_data, source_fingerprint
 from evaluation.evaluate import EvalResult, evaluate
 from evaluation.gates import GateDecision, GateRejected, decide
 from recipes import Recipe, recipe_hash
-from serving.export import ArtifactResult, export_artifact
-from flows.reports import EXAMPLES_SHOWN, data_report_markdown, example_table, safety_table, training_summary_markdown
+from serving.export import ArtifactResult, export_artifact, record_approval
+from flows.approval import PromotionRefused, not_required, refusal_message, wait_for_decision
+from flows.reports import EXAMPLES_SHOWN, approval_request_markdown, data_report_markdown, example_table, safety_table, training_summary_markdown
 from training.models import BaseModelRef
 from training.tracking import log_evaluation
 from training.train import TrainResult, filter_for_model, resolve_base_for, train
@@ -129,16 +130,30 @@ def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evalua
     return artifact
 
 
+@task(name="record-approval")
+def record_approval_task(artifact: ArtifactResult, approval: dict) -> dict:
+    """Write the decision, reviewer and time into manifest.json and the model card."""
+    return record_approval(artifact.path, approval)
+
+
 @flow(name="finetune")
 def finetune(recipe: Recipe, output_dir: str = "runs") -> str:
-    """Data -> training -> evaluation -> gates -> export; returns the artifact folder."""
+    """Data -> training -> evaluation -> gates -> export -> the reviewer's decision; returns the artifact folder."""
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     run_dir = run_folder(recipe, output_dir)
     data, base = _prepared(recipe, run_dir)
     trained = train_task(recipe, data, base, run_dir)
     evaluation = evaluate_task(recipe, trained, data, run_dir)
     decision = gate_task(recipe, evaluation)
-    return export_task(recipe, trained, data, evaluation, decision, run_dir, started_at).path
+    artifact = export_task(recipe, trained, data, evaluation, decision, run_dir, started_at)
+    if recipe.approval.required:
+        approval = wait_for_decision(recipe.approval, approval_request_markdown(recipe, evaluation, decision, artifact.path))
+    else:
+        approval = not_required()
+    record_approval_task(artifact, approval)
+    if not approval["promoted"]:
+        raise PromotionRefused(refusal_message(approval))
+    return artifact.path
 
 
 def _prepared(recipe: Recipe, run_dir: Path) -> tuple[PreparedData, BaseModelRef]:

@@ -98,3 +98,25 @@ def safety_table(report_path: str) -> list[dict]:
     safety = json.loads(Path(report_path).read_text()).get("safety") or {}
     return [{"kind": p["kind"], "prompt": p["prompt"][:200], "base safe": p["base_safe"], "candidate safe": p["candidate_safe"],
              "candidate answer": json.dumps(p["candidate_answer"], ensure_ascii=False)[:200]} for p in safety.get("per_probe", [])]
+
+
+def approval_request_markdown(recipe, evaluation, decision, artifact_path: str) -> str:
+    """What the reviewer reads before deciding: metrics side by side, safety, gates, where the report lies."""
+    rows = "\n".join(f"| {k} | {evaluation.base[k]:.4f} | {evaluation.candidate[k]:.4f} | {evaluation.delta[k]:+.4f} |"
+                     for k in evaluation.candidate)
+    gates = "\n".join(f"- {'PASS' if r.passed else 'FAIL'}: {r.describe()}" for r in decision.results) or "- none configured"
+    return f"""# Promotion decision needed: {recipe.name}
+Reviewers: {', '.join(recipe.approval.reviewers)}. Decide with the **Resume** form of this flow run, or
+`ftpipe approve <flow-run-id> --reviewer NAME [--reject] [--comment TEXT]`. Without a decision within
+{recipe.approval.timeout_hours:g} h the model is not promoted.
+
+| metric | base | candidate | delta |
+|---|---|---|---|
+{rows}
+
+**Gates**
+{gates}
+
+Per-example outputs and safety probes: the `evaluation-examples` and `safety` artifacts, and `{evaluation.report_path}`.
+Artifact: `{artifact_path}`.
+"""

@@ -469,6 +469,22 @@ class TrackingSection(Section):
     project: str = Field("ftpipe", min_length=1, description="wandb project name.")
 
 
+class ApprovalSection(Section):
+    required: bool = Field(
+        False, description="After the gates pass and the artifact is built, pause for a listed reviewer's decision before "
+        "promotion. Production recipes set true and name reviewers; when false (development recipes) the manifest and the "
+        "model card record that no one approved."
+    )
+    reviewers: list[str] = Field(default_factory=list, description="Who may approve or reject (only these names count).")
+    timeout_hours: float = Field(72.0, gt=0, le=24 * 30, description="Without a decision by then, the model is not promoted.")
+
+    @model_validator(mode="after")
+    def _reviewers_named(self) -> "ApprovalSection":
+        if self.required and not [r for r in self.reviewers if r.strip()]:
+            raise ValueError("reviewers: name who may approve (required: true), or set required: false for a development recipe")
+        return self
+
+
 class Recipe(Section):
     name: str = Field(
         "quickstart", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Run and model name: lowercase letters, digits, . _ -"
@@ -479,6 +495,7 @@ class Recipe(Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     export: ExportSection = Field(default_factory=ExportSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    approval: ApprovalSection = Field(default_factory=ApprovalSection)
 
     @model_validator(mode="after")
     def _data_and_gates_fit_the_method(self) -> "Recipe":

@@ -44,7 +44,7 @@ with a {manifest['recipe']['training']['adapter'].upper()} adapter (r={manifest[
 ## Intended use
 The task the training data describes; see the recipe below. Not evaluated for other uses.
 
-## Evaluation ({evaluation['examples']} held-out examples, same rows for both models)
+## Evaluation (rows per suite: {', '.join(f'{k} {v}' for k, v in evaluation['examples'].items()) if isinstance(evaluation['examples'], dict) else evaluation['examples']}; same rows for both models)
 | metric | base | candidate | delta |
 |---|---|---|---|
 {rows}
@@ -63,14 +63,38 @@ The task the training data describes; see the recipe below. Not evaluated for ot
 {manifest['merge']['method']}, saved as {manifest['merge']['dtype']}.
 Merged vs adapter model: {json.dumps(equivalence) if equivalence else 'not exported'}
 
+## Safety
+{_safety_lines(evaluation)}
+
+## Approval
+{_approval_lines(manifest.get('approval'))}
+
 ## Limitations
-Evaluated only on the held-out split of the training data source. No safety evaluation was run by this recipe.
+Evaluated only on the suites above. Safety probes are a screening (refusal phrases, canaries, PII patterns), not a
+red-team exercise by people.
 
 ## Recipe
 ```json
 {json.dumps(manifest['recipe'], indent=2)}
 ```
 """
+
+
+def _safety_lines(evaluation: dict) -> str:
+    safety = {k: v for k, v in evaluation["candidate"].items() if k.startswith("safety.")}
+    if not safety:
+        return "No safety probes were run by this recipe."
+    return "\n".join(f"- {k.removeprefix('safety.')}: {evaluation['base'][k]:.3f} (base) -> {v:.3f} (candidate)" for k, v in safety.items())
+
+
+def _approval_lines(approval: dict | None) -> str:
+    if not approval:
+        return "Pending: the reviewer's decision is recorded here once made."
+    if not approval["required"]:
+        return "Not required: a development recipe (approval.required: false); no one approved this model."
+    who = f" by {approval['reviewer']}" if approval.get("reviewer") else ""
+    comment = f": {approval['comment']}" if approval.get("comment") else ""
+    return f"{approval['decision']}{who} at {approval['decided_at']}{comment} (promoted: {approval['promoted']})"
 
 
 def launch_script(manifest: dict) -> str:

@@ -226,6 +226,19 @@ def _manifest(section: ExportSection, trained: TrainResult, lineage: dict, equiv
     }
 
 
+def record_approval(artifact_path: str | Path, approval: dict) -> dict:
+    """Write the promotion decision into manifest.json and the model card, and re-checksum the files (the card
+    changed). Each file is replaced atomically."""
+    root = Path(artifact_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["approval"] = approval
+    atomic_write_text(root / "README.md", model_card(manifest))
+    manifest["files"] = checksums(root)
+    manifest["files"].pop("manifest.json", None)
+    atomic_write_json(root / "manifest.json", manifest)
+    return manifest
+
+
 def library_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -90,7 +90,7 @@ def test_an_extra_eval_file_is_its_own_suite_and_a_bad_row_names_the_file(traine
     rows = [{"prompt": r["messages"][1]["content"], "completion": r["messages"][2]["content"]} for r in read_rows(SAMPLE_HELDOUT, 6)]
     extra = write_jsonl(tmp_path / "extra.jsonl", rows)
     section = EvaluationSection(suites=[{"metrics": ["exact_match"]}, {"name": "extra", "sources": [{"path": str(extra)}],
-                                                                         "metrics": ["exact_match", "rouge_l"]}])
+                                                                         "metrics": ["exact_match", "rouge_l"]}], safety={"enabled": False})
     result = evaluate(section, ModelSection(), trained_lora, prepared_small, tmp_path / "eval")
     assert result.examples == {"heldout": 200 if prepared_small.eval_rows > 200 else prepared_small.eval_rows, "extra": 6}
     assert set(result.candidate) == {"exact_match", "extra.exact_match", "extra.rouge_l"}

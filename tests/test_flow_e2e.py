@@ -24,6 +24,7 @@ def test_quickstart_runs_end_to_end_and_passes_its_gates(tmp_path):
     assert artifact.parent.parent == tmp_path and artifact.parent.name.startswith("quickstart-")
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["gates"]["passed"] and len(manifest["gates"]["results"]) == 3
+    assert manifest["approval"]["required"] is False and manifest["approval"]["decision"] == "not required (development recipe)"
     safety = {k: v for k, v in manifest["evaluation"]["candidate"].items() if k.startswith("safety.")}
     assert set(safety) == {"safety.refusal_rate", "safety.injection_resistance", "safety.pii_leak_rate", "safety.bias_change_rate"}
     assert manifest["evaluation"]["candidate"]["exact_match"] >= 0.9

@@ -27,6 +27,9 @@ def test_every_shipped_recipe_loads_and_its_data_exists(path):
 
 
 def test_defaults_alone_make_a_valid_recipe():
+    with pytest.raises(ValueError, match="reviewers: name who may approve"):
+        Recipe(approval={"required": True})  # promotion by approval needs a named reviewer
+    assert Recipe(approval={"required": True, "reviewers": ["alice"]}).approval.reviewers == ["alice"]
     recipe = Recipe()
     assert recipe.model.base == "tiny:llama"
     assert Path(recipe.data.sources[0].path).is_file()
@@ -35,7 +38,8 @@ def test_defaults_alone_make_a_valid_recipe():
 
 def test_quickstart_gates_as_the_issue_asks():
     gates = load_recipe(ROOT / "recipes" / "quickstart.yaml").evaluation.gates
-    assert [(g.metric, g.kind, g.threshold) for g in gates] == [("exact_match", "min", 0.9), ("exact_match", "min_delta_vs_base", 0.5)]
+    assert [(g.metric, g.kind, g.threshold) for g in gates] == [("exact_match", "min", 0.9), ("exact_match", "min_delta_vs_base", 0.5),
+                                                                 ("safety.refusal_rate", "no_regression_vs", -0.02)]
 
 
 @pytest.mark.parametrize(
@@ -61,7 +65,8 @@ def test_unknown_keys_are_errors_with_a_suggestion(raw, expected):
         ({"data": {"eval_fraction": 1.5}}, "data.eval_fraction: Input should be less than 1 (got 1.5)"),
         ({"name": "My Run"}, "name: String should match pattern '^[a-z0-9][a-z0-9._-]{0,63}$' (got 'My Run')"),
         ({"evaluation": {"gates": [{"metric": "bleu", "min": 1}]}}, "evaluation.gates.0: unknown metric 'bleu'; use one of: exact_match, normalized_exact_match, token_f1, rouge_l, json_valid, "
-         "json_schema, json_field_accuracy, regex_match, label_accuracy, label_macro_f1, eval_loss, perplexity, preference_accuracy, preference_margin"),
+         "json_schema, json_field_accuracy, regex_match, label_accuracy, label_macro_f1, eval_loss, perplexity, preference_accuracy, preference_margin, "
+         "safety.refusal_rate, safety.injection_resistance, safety.pii_leak_rate, safety.bias_change_rate"),
         ({"evaluation": {"gates": [{"metric": "exact_match", "min": 0.9, "max": 1}]}},
          "evaluation.gates.0: a gate needs exactly one of min, max, min_delta_vs_base, max_delta_vs_base, no_regression_vs (got min, max)"),
         ({"export": {"merged": False, "adapter": False}}, "export: merged and adapter are both false: nothing would be exported"),
@@ -95,7 +100,7 @@ def test_overrides_set_nested_fields_lists_and_yaml_values(tmp_path):
     ("override", "expected"),
     [
         ("training.epochs", "--set training.epochs: expected path=value, e.g. training.epochs=2"),
-        ("evaluation.gates.5.min=1", "evaluation.gates.5: list index '5' out of range (the list has 2 items)"),
+        ("evaluation.gates.5.min=1", "evaluation.gates.5: list index '5' out of range (the list has 3 items)"),
         ("training.lora.r=abc", "training.lora.r: Input should be a valid integer, unable to parse string as an integer (got 'abc')"),
     ],
 )
