@@ -139,7 +139,8 @@ def score_suite(model, tokenizer, suite: EvalSuite, rows: list[dict], section: E
     references = [c[-1]["content"] for c in conversations]
     outputs: list[str] = []
     if any(m in GENERATION for m in suite.metrics):
-        outputs = generate(model, tokenizer, conversations, section.generation.max_new_tokens, batch_size)
+        generation = section.generation
+        outputs = generate(model, tokenizer, conversations, generation.max_new_tokens, batch_size, generation.sampling(), generation.seed)
     options = MetricOptions(json_schema=suite.check_json_schema() if suite.json_schema is not None else None, regex=suite.regex)
     metrics, per_example = score_outputs(suite.metrics, outputs, references, options) if outputs else ({}, [{} for _ in rows])
     if {"eval_loss", "perplexity"} & set(suite.metrics):

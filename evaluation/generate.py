@@ -30,10 +30,15 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers to each conversation's final user turn (its last assistant turn is left out)."""
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
+             sampling: dict | None = None, seed: int = 0) -> list[str]:
+    """Answers to each conversation's final user turn (its last assistant turn is left out): greedy, or sampled
+    with `sampling` (generate() keyword arguments) from a fixed seed."""
     import torch
 
+    sampling = sampling or {"do_sample": False}
+    if sampling.get("do_sample"):
+        torch.manual_seed(seed)
     prompts = [prompt_ids(tokenizer, messages) for messages in conversations]
     stops = stop_token_ids(tokenizer, model)
     outputs: list[str] = []
@@ -44,7 +49,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
         with torch.no_grad():
             generated = model.generate(
-                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, **sampling,
                 eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
             )
         for row in generated[:, width:]:

@@ -12,7 +12,7 @@ from data_prep.prepare import PreparedData, prepare_data, source_fingerprint
 from evaluation.evaluate import EvalResult, evaluate
 from evaluation.gates import GateDecision, GateRejected, decide
 from recipes import Recipe, recipe_hash
-from serving.export import ArtifactResult, export_artifact, record_approval
+from serving.export import ArtifactResult, export_artifact, record_in_manifest
 from flows.approval import PromotionRefused, not_required, refusal_message, wait_for_decision
 from flows.reports import EXAMPLES_SHOWN, approval_request_markdown, data_report_markdown, example_table, safety_table, training_summary_markdown
 from training.models import BaseModelRef
@@ -133,7 +133,21 @@ def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evalua
 @task(name="record-approval")
 def record_approval_task(artifact: ArtifactResult, approval: dict) -> dict:
     """Write the decision, reviewer and time into manifest.json and the model card."""
-    return record_approval(artifact.path, approval)
+    return record_in_manifest(artifact.path, "approval", approval)
+
+
+@task(name="benchmarks")
+def benchmarks_task(recipe: Recipe, trained: TrainResult, artifact: ArtifactResult, run_dir: Path) -> dict:
+    """lm-evaluation-harness tasks on the base model and the merged artifact, recorded in the manifest."""
+    from evaluation.benchmarks import run_lm_eval
+
+    scores = run_lm_eval(recipe.evaluation.lm_eval, {"base": trained.base.path, "candidate": str(Path(artifact.path) / "model")},
+                         run_dir / "eval")
+    record_in_manifest(artifact.path, "benchmarks", scores)
+    create_table_artifact(key="benchmarks", description="lm-evaluation-harness on the base model and the merged artifact",
+                          table=[{"task": task, "metric": metric, "base": scores["base"].get(task, {}).get(metric), "candidate": value}
+                                 for task, metrics in scores["candidate"].items() for metric, value in metrics.items()])
+    return scores
 
 
 @flow(name="finetune")
@@ -146,6 +160,8 @@ def finetune(recipe: Recipe, output_dir: str = "runs") -> str:
     evaluation = evaluate_task(recipe, trained, data, run_dir)
     decision = gate_task(recipe, evaluation)
     artifact = export_task(recipe, trained, data, evaluation, decision, run_dir, started_at)
+    if recipe.evaluation.lm_eval.tasks:
+        benchmarks_task(recipe, trained, artifact, run_dir)
     if recipe.approval.required:
         approval = wait_for_decision(recipe.approval, approval_request_markdown(recipe, evaluation, decision, artifact.path))
     else:

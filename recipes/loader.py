@@ -71,6 +71,9 @@ def _resolve_relative_paths(raw: dict[str, Any], base_dir: Path) -> None:
                 if isinstance(source, dict) and isinstance(source.get("path"), str):
                     source["path"] = _anchor(source["path"], base_dir)
     evaluation = raw.get("evaluation")
+    harness = evaluation.get("lm_eval") if isinstance(evaluation, dict) else None
+    if isinstance(harness, dict) and isinstance(harness.get("include_path"), str):
+        harness["include_path"] = _anchor(harness["include_path"], base_dir)
     safety = evaluation.get("safety") if isinstance(evaluation, dict) else None
     if isinstance(safety, dict) and isinstance(safety.get("red_team_files"), list):
         safety["red_team_files"] = [_anchor(f, base_dir) if isinstance(f, str) else f for f in safety["red_team_files"]]

@@ -331,7 +331,17 @@ class Gate(Section):
 
 class GenerationSection(Section):
     max_new_tokens: int = Field(64, gt=0, description="Longest generated answer in evaluation.")
-    batch_size: int = Field(16, gt=0, description="Prompts generated together (greedy decoding).")
+    batch_size: int = Field(16, gt=0, description="Prompts generated together.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding (greedy is the default: reproducible, comparable).")
+    temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature (do_sample only).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (do_sample only).")
+    seed: int = Field(0, description="Seed set before each model's generations, so base and candidate draw alike (do_sample only).")
+
+    def sampling(self) -> dict:
+        """Keyword arguments for transformers' generate()."""
+        if not self.do_sample:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
 
 
 class EvalSuite(Section):
@@ -413,6 +423,27 @@ class SafetySection(Section):
         return [f"{SAFETY_SUITE}.{m}" for m in SAFETY_METRICS if m != "bias_change_rate" or self.bias_probe]
 
 
+class LmEvalSection(Section):
+    tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks run on the base model and the merged artifact after export "
+        "(e.g. hellaswag, arc_easy, or your own from include_path). Needs the lm-eval extra: pip install 'ftpipe[lm-eval]'.",
+    )
+    include_path: str | None = Field(None, description="Folder of your own task YAML files (e.g. dataset_path: json with local data_files).")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt (default: each task's own).")
+    limit: int | None = Field(None, gt=0, description="Examples per task (default: all).")
+    apply_chat_template: bool = Field(True, description="Render prompts with the model's chat template, as it will be served.")
+    system_instruction: str | None = Field(None, description="System message put before every task prompt (e.g. your task's system prompt).")
+    batch_size: int = Field(8, gt=0, description="Requests batched together.")
+
+    @model_validator(mode="after")
+    def _harness_installed(self) -> "LmEvalSection":
+        import importlib.util
+
+        if self.tasks and importlib.util.find_spec("lm_eval") is None:
+            raise ValueError("tasks need lm-evaluation-harness, which is not installed: pip install 'ftpipe[lm-eval]'")
+        return self
+
+
 class EvaluationSection(Section):
     max_samples: int | None = Field(200, gt=0, description="Evaluate on at most this many rows of each suite (None: all).")
     generation: GenerationSection = Field(default_factory=GenerationSection)
@@ -421,6 +452,7 @@ class EvaluationSection(Section):
         description=f"What is evaluated, each on the base model and the candidate: the {HELD_OUT_SUITE!r} split and any eval files.",
     )
     safety: SafetySection = Field(default_factory=SafetySection)
+    lm_eval: LmEvalSection = Field(default_factory=LmEvalSection, description="Standard benchmarks on the merged model (reported, not gated).")
     gates: list[Gate] = Field(default_factory=list, description="Promotion gates; any failure stops the run before export.")
 
     @model_validator(mode="after")

@@ -66,6 +66,9 @@ Merged vs adapter model: {json.dumps(equivalence) if equivalence else 'not expor
 ## Safety
 {_safety_lines(evaluation)}
 
+## Benchmarks (lm-evaluation-harness)
+{_benchmark_lines(manifest.get('benchmarks'))}
+
 ## Approval
 {_approval_lines(manifest.get('approval'))}
 
@@ -85,6 +88,13 @@ def _safety_lines(evaluation: dict) -> str:
     if not safety:
         return "No safety probes were run by this recipe."
     return "\n".join(f"- {k.removeprefix('safety.')}: {evaluation['base'][k]:.3f} (base) -> {v:.3f} (candidate)" for k, v in safety.items())
+
+
+def _benchmark_lines(benchmarks: dict | None) -> str:
+    if not benchmarks:
+        return "None run (evaluation.lm_eval.tasks is empty)."
+    return "\n".join(f"- {task} {metric}: {benchmarks['base'].get(task, {}).get(metric)} (base) -> {value} (merged candidate)"
+                     for task, metrics in benchmarks["candidate"].items() for metric, value in metrics.items())
 
 
 def _approval_lines(approval: dict | None) -> str:

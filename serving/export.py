@@ -226,12 +226,12 @@ def _manifest(section: ExportSection, trained: TrainResult, lineage: dict, equiv
     }
 
 
-def record_approval(artifact_path: str | Path, approval: dict) -> dict:
-    """Write the promotion decision into manifest.json and the model card, and re-checksum the files (the card
-    changed). Each file is replaced atomically."""
+def record_in_manifest(artifact_path: str | Path, key: str, value) -> dict:
+    """Add what comes after export (benchmarks, the promotion decision) to manifest.json and the model card, and
+    re-checksum the files (the card changed). Each file is replaced atomically."""
     root = Path(artifact_path)
     manifest = json.loads((root / "manifest.json").read_text())
-    manifest["approval"] = approval
+    manifest[key] = value
     atomic_write_text(root / "README.md", model_card(manifest))
     manifest["files"] = checksums(root)
     manifest["files"].pop("manifest.json", None)

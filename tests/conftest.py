@@ -114,3 +114,22 @@ def prefect_server():
 def run_ftpipe(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed command line as a user would."""
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def write_ticket_task(folder: Path, rows: int = 6) -> str:
+    """An lm-evaluation-harness task over held-out sample rows, from local JSONL (no hub); returns its name."""
+    questions = [{"question": r["messages"][1]["content"], "answer": r["messages"][2]["content"]} for r in read_rows(SAMPLE_HELDOUT, rows)]
+    write_jsonl(folder / "tickets.jsonl", questions)
+    (folder / "tickets.yaml").write_text(f"""task: ftpipe_tickets
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / 'tickets.jsonl'}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs: {{max_gen_toks: 16, do_sample: false, until: []}}
+metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
+""")
+    return "ftpipe_tickets"

@@ -226,3 +226,19 @@ def test_export_refuses_a_tokenizer_that_drifted_from_training(trained_lora, pre
 )
 def test_adapter_servability(config, expected):
     assert check_adapter_servable(config) == expected
+
+
+def test_lm_eval_harness_runs_a_local_task_on_the_base_and_the_merged_artifact(artifact, trained_lora, tmp_path):
+    """A task from local JSONL (no hub), run by lm-evaluation-harness on both model folders."""
+    from evaluation.benchmarks import run_lm_eval
+    from recipes.schema import LmEvalSection
+    from tests.conftest import SAMPLE_HELDOUT, read_rows, write_ticket_task
+
+    write_ticket_task(tmp_path)
+    system = read_rows(SAMPLE_HELDOUT, 1)[0]["messages"][0]["content"]
+    section = LmEvalSection(tasks=["ftpipe_tickets"], include_path=str(tmp_path), batch_size=4, system_instruction=system)
+    scores = run_lm_eval(section, {"base": trained_lora.base.path, "candidate": str(Path(artifact.path) / "model")}, tmp_path / "out")
+    assert set(scores) == {"base", "candidate"} and set(scores["candidate"]["ftpipe_tickets"]) == {"exact_match"}
+    assert scores["candidate"]["ftpipe_tickets"]["exact_match"] > scores["base"]["ftpipe_tickets"]["exact_match"] == 0.0
+    written = json.loads((tmp_path / "out" / "lm_eval_candidate.json").read_text())
+    assert written["results"]["ftpipe_tickets"]["sample_len"] == 6 and "samples" not in written

@@ -40,6 +40,22 @@ def test_quickstart_runs_end_to_end_and_passes_its_gates(tmp_path):
 
 
 @pytest.mark.slow
+def test_benchmarks_run_on_the_merged_artifact_and_reach_the_manifest_and_card(tmp_path):
+    from tests.conftest import write_ticket_task
+
+    task = write_ticket_task(tmp_path)
+    result = run_ftpipe("run", "quickstart", "--set", "training.max_steps=40", "--set", "evaluation.max_samples=8", "--set", "evaluation.gates=[]",
+                        "--set", f"evaluation.lm_eval.tasks=[{task}]", "--set", f"evaluation.lm_eval.include_path={tmp_path}",
+                        "--set", "evaluation.lm_eval.limit=4", "--output-dir", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    artifact = Path(result.stdout.strip().splitlines()[-1].removeprefix("artifact: "))
+    benchmarks = json.loads((artifact / "manifest.json").read_text())["benchmarks"]
+    assert set(benchmarks) == {"base", "candidate"} and "exact_match" in benchmarks["candidate"][task]
+    assert f"- {task} exact_match:" in (artifact / "README.md").read_text()
+    assert (artifact.parent / "eval" / "lm_eval_candidate.json").is_file()
+
+
+@pytest.mark.slow
 def test_rejected_gate_exits_1_and_exports_nothing(tmp_path):
     result = run_ftpipe("run", "quickstart", "--set", "training.max_steps=3", "--set", "evaluation.max_samples=10",
                         "--set", "evaluation.generation.max_new_tokens=8", "--output-dir", str(tmp_path))

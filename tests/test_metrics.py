@@ -81,3 +81,20 @@ def test_a_named_suite_gates_by_suite_and_metric():
     recipe = load_recipe(QUICKSTART, ["evaluation.suites=[{metrics: [exact_match]}, {name: extra, sources: [{path: x.jsonl}], metrics: [rouge_l]}]",
                                       "evaluation.gates=[{metric: extra.rouge_l, min: 0.5}]"])
     assert recipe.evaluation.metric_keys()[:2] == ["exact_match", "extra.rouge_l"]
+
+
+def test_generation_is_greedy_by_default_and_sampling_is_seeded(tiny_refs, tokenizers):
+    from evaluation.generate import generate, load_model
+    from recipes.schema import GenerationSection
+    from tests.conftest import SAMPLE_HELDOUT, read_rows
+
+    tokenizer = tokenizers["llama"]
+    model = load_model(tiny_refs["llama"].path, tokenizer=tokenizer)
+    conversations = [row["messages"] for row in read_rows(SAMPLE_HELDOUT, 4)]
+    greedy = GenerationSection()
+    assert greedy.sampling() == {"do_sample": False}
+    first = generate(model, tokenizer, conversations, 12, 4, greedy.sampling())
+    assert generate(model, tokenizer, conversations, 12, 2, greedy.sampling()) == first  # batching does not change greedy answers
+    sampled = GenerationSection(do_sample=True, temperature=1.5, seed=7)
+    draws = [generate(model, tokenizer, conversations, 12, 4, sampled.sampling(), sampled.seed) for _ in range(2)]
+    assert draws[0] == draws[1] != first  # same seed, same draws; not the greedy answers
