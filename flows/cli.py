@@ -176,7 +176,10 @@ def summary(recipe: Recipe) -> str:
     """One screen: what will run, on what, with which gates."""
     t, e, d = recipe.training, recipe.evaluation, recipe.data
     length = f"max_steps={t.max_steps}" if t.max_steps else f"epochs={t.epochs:g}"
-    gates = ", ".join(f"{g.metric} {g.kind}={g.threshold:g}" for g in e.gates) or "none"
+    gates = ", ".join(f"{g.metric} no regression vs {g.no_regression_vs} (tolerance {g.tolerance:g})" if g.kind == "no_regression_vs"
+                      else f"{g.metric} {g.kind}={g.threshold:g}" for g in e.gates) or "none"
+    a = recipe.approval
+    approval = f"required from {', '.join(a.reviewers)} within {a.timeout_hours:g} h" if a.required else "not required (development recipe)"
     lines = [
         f"recipe: {recipe.name} (valid)",
         f"model: {recipe.model.base}" + (f" @ {recipe.model.revision}" if recipe.model.revision else ""),
@@ -193,6 +196,7 @@ def summary(recipe: Recipe) -> str:
         f"gates: {gates}",
         f"export: dtype={recipe.export.dtype} merged={recipe.export.merged} adapter={recipe.export.adapter}",
         f"tracking: wandb {recipe.tracking.mode}",
+        f"approval: {approval}",
     ]
     return "\n".join(lines)
 

@@ -181,3 +181,13 @@ def test_cli_schema_is_the_recipe_json_schema():
     assert schema == Recipe.model_json_schema()
     assert schema["$defs"]["LoraSection"]["properties"]["r"]["description"].startswith("LoRA rank")
     assert schema["$defs"]["TrainingSection"]["additionalProperties"] is False
+
+
+def test_the_summary_says_who_must_approve_and_how_gates_compare():
+    from flows.cli import summary
+
+    quickstart = ROOT / "recipes" / "quickstart.yaml"
+    assert "approval: not required (development recipe)" in summary(load_recipe(quickstart))
+    required = summary(load_recipe(quickstart, ["approval.required=true", "approval.reviewers=[alice, bob]", "approval.timeout_hours=24"]))
+    assert "approval: required from alice, bob within 24 h" in required
+    assert "safety.refusal_rate no regression vs base (tolerance 0.02)" in required
