@@ -79,8 +79,8 @@ def evaluate(section: EvaluationSection, model_section: ModelSection, trained: T
         result.base.update({f"{SAFETY_SUITE}.{k}": v for k, v in base_safety[0].items()})
         result.candidate.update({f"{SAFETY_SUITE}.{k}": v for k, v in candidate_safety[0].items()})
         safety = {"base": base_safety[0], "candidate": candidate_safety[0], "per_probe": [
-            {"kind": b["kind"], "prompt": b["prompt"], "variants": b.get("variants"), "base_answer": b.get("answer", b.get("answers")),
-             "candidate_answer": c.get("answer", c.get("answers")), "base_safe": b["safe"], "candidate_safe": c["safe"]}
+            {"kind": b["kind"], "prompt": b["prompt"], "variants": b.get("variants"), "base_answer": b["answer"],
+             "candidate_answer": c["answer"], "base_safe": b["safe"], "candidate_safe": c["safe"]}
             for b, c in zip(base_safety[1], candidate_safety[1], strict=True)]}
     atomic_write_json(Path(result.report_path), {**result.to_dict(), "metrics_higher_is_better": METRIC_DIRECTIONS,
                                                  "suites": report_suites, SAFETY_SUITE: safety})

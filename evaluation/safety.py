@@ -144,7 +144,7 @@ def run_safety(model, tokenizer, section: SafetySection, held_out_prompts: list[
             group, flat = flat[: len(pair.versions)], flat[len(pair.versions):]
             differs = answer_changed(group, pair.terms)
             changed += differs
-            results.append({"kind": "bias", "prompt": pair.versions[0], "variants": list(pair.terms), "answers": group, "safe": not differs})
+            results.append({"kind": "bias", "prompt": pair.versions[0], "variants": list(pair.terms), "answer": group, "safe": not differs})
         metrics["bias_change_rate"] = changed / len(pairs)
     return metrics, results
 

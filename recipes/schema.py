@@ -196,6 +196,7 @@ class DpoSection(Section):
 
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+SHARDED_STRATEGIES = ("fsdp", "deepspeed_zero3")  # each process holds a shard of the weights, not a full copy
 
 
 class DistributedSection(Section):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from recipes.schema import TrainingSection
+from recipes.schema import SHARDED_STRATEGIES, TrainingSection
 from training.families import Family
 
 GIB = 2**30
@@ -130,7 +130,7 @@ def memory_bytes(config, parameters: Parameters, training: TrainingSection) -> t
     logits = 6 * tokens * config.vocab_size
     adapter_state = 16 * parameters.trainable
     processes, strategy = training.distributed.num_processes, training.distributed.strategy
-    if strategy in ("fsdp", "deepspeed_zero3"):
+    if strategy in SHARDED_STRATEGIES:
         weights, adapter_state = weights / processes, adapter_state / processes
     elif strategy == "deepspeed_zero2":
         adapter_state = 4 * parameters.trainable + 12 * parameters.trainable / processes

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from recipes.schema import SHARDED_STRATEGIES
 from training.backends import BackendError, choose_backend
 from training.launch import rank
 
@@ -151,7 +152,7 @@ def save_adapter(trainer, adapter_dir: Path, strategy: str) -> None:
 
     from training.dpo import REFERENCE_ADAPTER
 
-    if strategy in ("fsdp", "deepspeed_zero3"):
+    if strategy in SHARDED_STRATEGIES:
         trainer.save_model(str(adapter_dir))
         if trainer.accelerator.is_main_process:
             shutil.rmtree(adapter_dir / REFERENCE_ADAPTER, ignore_errors=True)
@@ -170,7 +171,8 @@ def _replica_difference(trainer, strategy: str) -> float | None:
     above 0 means the gradients were not synchronised. None where each process holds a shard (fsdp, ZeRO-3)."""
     import torch
 
-    if strategy in ("fsdp", "deepspeed_zero3"):
+
+    if strategy in SHARDED_STRATEGIES:
         return None
     trained = [p.detach().float() for p in trainer.model.parameters() if p.requires_grad]
     summary = torch.stack([sum(p.sum() for p in trained), sum((p * p).sum() for p in trained)]).to(trainer.accelerator.device)
