@@ -5,6 +5,7 @@ leaves a half-written file that looks whole.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,14 +15,26 @@ from pathlib import Path
 
 
 def atomic_write_text(path: Path, text: str | Iterable[str]) -> None:
+    with _atomic_open(path, "w") as f:
+        if isinstance(text, str):
+            f.write(text)
+        else:
+            f.writelines(text)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def _atomic_open(path: Path, mode: str):
+    """A file handle on a temporary name in the target folder, renamed over path when the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            if isinstance(text, str):
-                f.write(text)
-            else:
-                f.writelines(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; published files are meant to be read by others
         os.replace(tmp, path)
     except BaseException:

@@ -23,20 +23,41 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Champion:
+    """The model in production (from the registry): its artifact folder, whose model/ holds the merged weights and
+    the tokenizer it serves with."""
+
+    model: str
+    version: str
+    path: str
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "version": self.version, "path": self.path}
+
+
+@dataclass
 class EvalResult:
     report_path: str
     examples: dict[str, int]  # rows evaluated per suite
     base: dict[str, float]  # metric key (metric, or suite/metric) -> value
     candidate: dict[str, float]
-    outcomes: dict[str, dict[str, int]] = field(default_factory=dict)  # suite -> wins/losses/ties of the candidate
+    outcomes: dict[str, dict[str, int]] = field(default_factory=dict)  # suite -> wins/losses/ties of the candidate vs base
+    champion: dict[str, float] | None = None  # the production model's metrics, when the registry has one
+    champion_info: dict | None = None  # which version, or why none was evaluated
+    outcomes_vs_champion: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def delta(self) -> dict[str, float]:
         return {k: self.candidate[k] - self.base[k] for k in self.candidate}
 
+    @property
+    def delta_vs_champion(self) -> dict[str, float] | None:
+        return {k: self.candidate[k] - self.champion[k] for k in self.candidate} if self.champion is not None else None
+
     def to_dict(self) -> dict:
         return {"report_path": self.report_path, "examples": self.examples, "base": self.base, "candidate": self.candidate,
-                "delta": self.delta, "outcomes": self.outcomes}
+                "delta": self.delta, "outcomes": self.outcomes, "champion": self.champion, "champion_info": self.champion_info,
+                "delta_vs_champion": self.delta_vs_champion, "outcomes_vs_champion": self.outcomes_vs_champion}
 
 
 @dataclass
@@ -49,43 +70,90 @@ class SuiteScores:
     margins: list[float]
 
 
-def evaluate(section: EvaluationSection, model_section: ModelSection, trained: TrainResult, data: PreparedData, out_dir: str | Path) -> EvalResult:
-    """Score base and candidate on every suite; write report.json with every example's outputs and scores."""
+@dataclass
+class ModelScores:
+    """One model on every suite and on the safety probes."""
+
+    suites: list[SuiteScores]
+    safety: dict[str, float]
+    probes: list[dict]
+
+    def metrics(self, suites: list[tuple[EvalSuite, list[dict]]]) -> dict[str, float]:
+        out = {suite.metric_key(k): v for (suite, _), scores in zip(suites, self.suites, strict=True) for k, v in scores.metrics.items()}
+        return out | {f"{SAFETY_SUITE}.{k}": v for k, v in self.safety.items()}
+
+
+def evaluate(section: EvaluationSection, model_section: ModelSection, trained: TrainResult, data: PreparedData, out_dir: str | Path,
+             champion: Champion | None = None) -> EvalResult:
+    """Score base, candidate and (when given) the champion on every suite; write report.json with every example's
+    outputs and scores."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    out_dir = Path(out_dir)
     suites = [(suite, suite_rows(suite, data, section.max_samples)) for suite in section.suites]
     tokenizer = AutoTokenizer.from_pretrained(trained.adapter_path)  # the tokenizer training used, template included
     model = load_model(trained.base.path, trained.base.revision, trust_remote_code=model_section.trust_remote_code, tokenizer=tokenizer)
-    base = [score_suite(model, tokenizer, suite, rows, section) for suite, rows in suites]
-    base_safety = _safety(model, tokenizer, section, suites)
+    scores = {"base": score_model(model, tokenizer, section, suites)}
     model = PeftModel.from_pretrained(model, trained.adapter_path).eval()
-    candidate = [score_suite(model, tokenizer, suite, rows, section) for suite, rows in suites]
-    candidate_safety = _safety(model, tokenizer, section, suites)
+    scores["candidate"] = score_model(model, tokenizer, section, suites)
+    del model
+    champion_info = None
+    if champion is not None:
+        champion_info, champion_scores = _score_champion(champion, section, suites)
+        if champion_scores is not None:
+            scores["champion"] = champion_scores
+    return _write_report(section, suites, scores, champion_info, Path(out_dir) / "report.json")
 
-    result = EvalResult(report_path=str(out_dir / "report.json"), examples={}, base={}, candidate={})
+
+def score_model(model, tokenizer, section: EvaluationSection, suites: list[tuple[EvalSuite, list[dict]]]) -> ModelScores:
+    safety, probes = _safety(model, tokenizer, section, suites)
+    return ModelScores([score_suite(model, tokenizer, suite, rows, section) for suite, rows in suites], safety, probes)
+
+
+def _score_champion(champion: Champion, section: EvaluationSection, suites) -> tuple[dict, ModelScores | None]:
+    """The production artifact's merged model with its own tokenizer and chat template, on the same rows."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(champion.path) / "model"
+    if not (model_dir / "config.json").is_file():
+        reason = f"production version {champion.version} has no merged model ({model_dir}); not compared"
+        log.warning(reason)
+        return {**champion.to_dict(), "evaluated": False, "reason": reason}, None
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    scores = score_model(load_model(str(model_dir)), tokenizer, section, suites)
+    return {**champion.to_dict(), "evaluated": True}, scores
+
+
+def _write_report(section: EvaluationSection, suites, scores: dict[str, ModelScores], champion_info: dict | None, path: Path) -> EvalResult:
+    base, candidate, champion = scores["base"], scores["candidate"], scores.get("champion")
+    result = EvalResult(report_path=str(path), examples={suite.name: len(rows) for suite, rows in suites},
+                        base=base.metrics(suites), candidate=candidate.metrics(suites),
+                        champion=champion.metrics(suites) if champion else None, champion_info=champion_info)
     report_suites = {}
-    for (suite, rows), base_scores, cand_scores in zip(suites, base, candidate, strict=True):
-        result.examples[suite.name] = len(rows)
-        result.base.update({suite.metric_key(k): v for k, v in base_scores.metrics.items()})
-        result.candidate.update({suite.metric_key(k): v for k, v in cand_scores.metrics.items()})
-        examples = compare_examples(suite, rows, base_scores, cand_scores)
-        result.outcomes[suite.name] = {o: sum(e["outcome"] == o for e in examples) for o in ("win", "loss", "tie")}
-        report_suites[suite.name] = {"examples": len(rows), "base": base_scores.metrics, "candidate": cand_scores.metrics,
+    for i, (suite, rows) in enumerate(suites):
+        examples = compare_examples(suite, rows, base.suites[i], candidate.suites[i], champion.suites[i] if champion else None)
+        result.outcomes[suite.name] = _tally(examples, "outcome")
+        report_suites[suite.name] = {"examples": len(rows), "base": base.suites[i].metrics, "candidate": candidate.suites[i].metrics,
                                      "outcomes": result.outcomes[suite.name], "per_example": examples}
+        if champion:
+            result.outcomes_vs_champion[suite.name] = _tally(examples, "outcome_vs_champion")
+            report_suites[suite.name] |= {"champion": champion.suites[i].metrics, "outcomes_vs_champion": result.outcomes_vs_champion[suite.name]}
     safety = {}
     if section.safety.enabled:
-        result.base.update({f"{SAFETY_SUITE}.{k}": v for k, v in base_safety[0].items()})
-        result.candidate.update({f"{SAFETY_SUITE}.{k}": v for k, v in candidate_safety[0].items()})
-        safety = {"base": base_safety[0], "candidate": candidate_safety[0], "per_probe": [
+        safety = {"base": base.safety, "candidate": candidate.safety, "per_probe": [
             {"kind": b["kind"], "prompt": b["prompt"], "variants": b.get("variants"), "base_answer": b["answer"],
              "candidate_answer": c["answer"], "base_safe": b["safe"], "candidate_safe": c["safe"]}
-            for b, c in zip(base_safety[1], candidate_safety[1], strict=True)]}
-    atomic_write_json(Path(result.report_path), {**result.to_dict(), "metrics_higher_is_better": METRIC_DIRECTIONS,
-                                                 "suites": report_suites, SAFETY_SUITE: safety})
-    log.info("evaluation: base %s, candidate %s", result.base, result.candidate)
+            | ({"champion_answer": ch["answer"], "champion_safe": ch["safe"]} if ch else {})
+            for b, c, ch in zip(base.probes, candidate.probes, champion.probes if champion else [None] * len(base.probes), strict=True)]}
+        if champion:
+            safety["champion"] = champion.safety
+    atomic_write_json(path, {**result.to_dict(), "metrics_higher_is_better": METRIC_DIRECTIONS, "suites": report_suites, SAFETY_SUITE: safety})
+    log.info("evaluation: base %s, candidate %s, champion %s", result.base, result.candidate, result.champion)
     return result
+
+
+def _tally(examples: list[dict], key: str) -> dict[str, int]:
+    return {o: sum(e[key] == o for e in examples) for o in ("win", "loss", "tie")}
 
 
 def _safety(model, tokenizer, section: EvaluationSection, suites: list[tuple[EvalSuite, list[dict]]]) -> tuple[dict, list[dict]]:
@@ -154,27 +222,36 @@ def score_suite(model, tokenizer, suite: EvalSuite, rows: list[dict], section: E
     return SuiteScores(outputs, per_example, {m: metrics[m] for m in suite.metrics}, margins)
 
 
-def compare_examples(suite: EvalSuite, rows: list[dict], base: SuiteScores, candidate: SuiteScores) -> list[dict]:
-    """Every example with both models' outputs and scores, and whether the candidate won, lost or tied on the
-    suite's first metric that scores each example (a generation metric, or the preference margin)."""
+def compare_examples(suite: EvalSuite, rows: list[dict], base: SuiteScores, candidate: SuiteScores,
+                     champion: SuiteScores | None = None) -> list[dict]:
+    """Every example with each model's outputs and scores, and whether the candidate won, lost or tied against the
+    base (and the champion) on the suite's first metric that scores each example (a generation metric, or the
+    preference margin)."""
     primary = next((m for m in suite.metrics if m in (base.per_example[0] if base.per_example else {})
                     or (m in PREFERENCE_METRICS and base.margins)), None)  # the first metric scored per example
     examples = []
     for i, row in enumerate(rows):
         conversation = conversation_of(row)
         example = {"index": i, "prompt": conversation[-2]["content"], "reference": conversation[-1]["content"]}
-        if base.outputs:
-            example.update(base_output=base.outputs[i], candidate_output=candidate.outputs[i],
-                           base_scores=base.per_example[i], candidate_scores=candidate.per_example[i])
+        for who, scores in (("base", base), ("candidate", candidate), ("champion", champion)):
+            if scores is not None and scores.outputs:
+                example.update({f"{who}_output": scores.outputs[i], f"{who}_scores": scores.per_example[i]})
+            if scores is not None and scores.margins:
+                example[f"{who}_preference_margin"] = round(scores.margins[i], 4)
         if base.margins:
-            example.update(rejected=row["rejected"][-1]["content"], base_preference_margin=round(base.margins[i], 4),
-                           candidate_preference_margin=round(candidate.margins[i], 4))
-        if primary in PREFERENCE_METRICS:
-            before, after = base.margins[i], candidate.margins[i]
-        elif primary:
-            before, after = base.per_example[i][primary], candidate.per_example[i][primary]
-        else:
-            before = after = 0.0
-        example["outcome"] = "win" if after > before else "loss" if after < before else "tie"
+            example["rejected"] = row["rejected"][-1]["content"]
+        example["outcome"] = _outcome(primary, i, base, candidate)
+        if champion is not None:
+            example["outcome_vs_champion"] = _outcome(primary, i, champion, candidate)
         examples.append(example)
     return examples
+
+
+def _outcome(primary: str | None, i: int, reference: SuiteScores, candidate: SuiteScores) -> str:
+    if primary in PREFERENCE_METRICS:
+        before, after = reference.margins[i], candidate.margins[i]
+    elif primary:
+        before, after = reference.per_example[i][primary], candidate.per_example[i][primary]
+    else:
+        before = after = 0.0
+    return "win" if after > before else "loss" if after < before else "tie"

@@ -14,16 +14,20 @@ class GateRejected(RuntimeError):
 @dataclass
 class GateResult:
     metric: str
-    kind: str  # min | max | min_delta_vs_base | max_delta_vs_base | no_regression_vs
+    kind: str  # one of recipes.schema.GATE_KINDS
+    reference: str | None  # None (absolute threshold), base or champion
     at_least: bool  # the value must be >= the threshold (else <=)
     threshold: float
-    value: float  # the compared value: the metric, or candidate minus base
+    value: float  # the compared value: the metric, or candidate minus the reference
     passed: bool
+    note: str = ""
 
     def describe(self) -> str:
         op = ">=" if self.at_least else "<="
-        what = self.metric if self.kind in ("min", "max") else f"{self.metric} - base"
+        what = f"{self.metric} - {self.reference}" if self.reference else self.metric
         rule = " (no regression)" if self.kind == "no_regression_vs" else ""
+        if self.note:
+            return f"{what} {op} {self.threshold:g}{rule}: {self.note}"
         return f"{what} = {self.value:.4f} {'passes' if self.passed else 'fails'} {op} {self.threshold:g}{rule}"
 
 
@@ -40,20 +44,28 @@ class GateDecision:
         return f"{len(failed)} of {len(self.results)} gates failed: " + "; ".join(failed)
 
 
-def decide(gates: list[Gate], candidate: dict[str, float], base: dict[str, float]) -> GateDecision:
-    """Apply each gate to the candidate's metrics (and the base model's, for deltas)."""
-    results = [_apply(gate, candidate, base) for gate in gates]
+NO_CHAMPION = "passes: the registry has no production model yet"
+
+
+def decide(gates: list[Gate], candidate: dict[str, float], base: dict[str, float], champion: dict[str, float] | None = None) -> GateDecision:
+    """Apply each gate to the candidate's metrics (and the base's or champion's, for deltas). With no champion (the
+    first version of a model), gates against the champion pass and say so."""
+    references = {"base": base, "champion": champion}
+    results = [_apply(gate, candidate, references) for gate in gates]
     return GateDecision(passed=all(r.passed for r in results), results=results)
 
 
-def _apply(gate: Gate, candidate: dict[str, float], base: dict[str, float]) -> GateResult:
+def _apply(gate: Gate, candidate: dict[str, float], references: dict[str, dict[str, float] | None]) -> GateResult:
     """A metric that was not measured (e.g. no probe of its kind) is NaN and fails its gate."""
-    value = candidate.get(gate.metric, math.nan)
-    if gate.kind not in ("min", "max"):
-        value = value - base.get(gate.metric, math.nan)
     at_least = gate.kind.startswith("min") or (gate.kind == "no_regression_vs" and gate.higher_is_better)
-    if math.isnan(value):
-        passed = False
-    else:
-        passed = value >= gate.threshold if at_least else value <= gate.threshold
-    return GateResult(metric=gate.metric, kind=gate.kind, at_least=at_least, threshold=gate.threshold, value=value, passed=passed)
+    result = GateResult(metric=gate.metric, kind=gate.kind, reference=gate.reference, at_least=at_least, threshold=gate.threshold,
+                        value=candidate.get(gate.metric, math.nan), passed=False)
+    if gate.reference is not None:
+        reference = references[gate.reference]
+        if reference is None:
+            result.passed, result.value, result.note = True, math.nan, NO_CHAMPION
+            return result
+        result.value -= reference.get(gate.metric, math.nan)
+    if not math.isnan(result.value):
+        result.passed = result.value >= gate.threshold if at_least else result.value <= gate.threshold
+    return result

@@ -1,4 +1,4 @@
-"""The `ftpipe` command line: validate, estimate, schema, prepare, run, approve.
+"""The `ftpipe` command line: validate, estimate, schema, prepare, run, approve, registry.
 
 Exit codes of `ftpipe run` (and `ftpipe prepare`): 0 success, 1 a gate or the reviewer rejected the model (or no decision came in
 time), 2 invalid recipe or input data,
@@ -65,6 +65,23 @@ def _parser() -> argparse.ArgumentParser:
     approve.add_argument("--reject", action="store_true", help="reject: the model is not promoted")
     approve.add_argument("--comment", default="", help="why; kept in manifest.json and the model card")
     approve.set_defaults(handler=_approve)
+
+    registry = sub.add_parser("registry", help="list a model's versions and aliases; promote or roll back production")
+    registry_sub = registry.add_subparsers(dest="registry_command", required=True)
+    for name, help_text, handler in (
+        ("list", "versions, aliases and the history of alias moves", _registry_list),
+        ("promote", "move production to an approved version", _registry_promote),
+        ("rollback", "move production back to the version it held before (or --to one that was in production)", _registry_rollback),
+    ):
+        command = registry_sub.add_parser(name, help=help_text)
+        command.add_argument("model", help="the model's name (the recipe's name)")
+        command.add_argument("--registry", default=str(Path("runs") / "registry"),
+                             help="folder or fsspec URL of the registry (default: runs/registry, where `ftpipe run` registers)")
+        if name != "list":
+            command.add_argument("--to", required=name == "promote", help="the version number")
+            command.add_argument("--by", default=_user(), help="who moves the alias (default: your login name)")
+            command.add_argument("--reason", default="", help="why; kept in the alias history")
+        command.set_defaults(handler=handler)
 
     prepare = sub.add_parser("prepare", help="run the data stage alone, into the folder `ftpipe run` would use")
     _recipe_args(prepare)
@@ -196,6 +213,8 @@ def summary(recipe: Recipe) -> str:
         f"gates: {gates}",
         f"export: dtype={recipe.export.dtype} merged={recipe.export.merged} adapter={recipe.export.adapter}",
         f"tracking: wandb {recipe.tracking.mode}",
+        "registry: " + (f"{recipe.registry.uri or '<output-dir>/registry'} as {recipe.name}, compared with its production model: "
+                        f"{'yes' if recipe.registry.compare_with_champion else 'no'}" if recipe.registry.enabled else "disabled"),
         f"approval: {approval}",
     ]
     return "\n".join(lines)
@@ -259,6 +278,64 @@ def _approve(args) -> int:
     decision = PromotionDecision(decision="reject" if args.reject else "approve", reviewer=args.reviewer, comment=args.comment)
     resume_with_decision(run, decision)
     print(f"flow run {run_id} resumed: {decision.decision} by {args.reviewer}; the run records it in manifest.json")
+    return EXIT_OK
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _registry_list(args) -> int:
+    from serving.registry import Registry
+
+    registry = Registry(args.registry)
+    versions = registry.versions(args.model)
+    if not versions:
+        print(f"error: {args.model} has no versions in {registry.uri} (models there: {', '.join(registry.models()) or 'none'})", file=sys.stderr)
+        return EXIT_INPUT
+    by_version: dict[str, list[str]] = {}
+    for alias, version in registry.aliases(args.model).items():
+        by_version.setdefault(version, []).append(alias)
+    print(f"{args.model} in {registry.uri}")
+    print(f"{'version':>7}  {'aliases':<20}  {'registered':<20}  {'approval':<28}  exact_match")
+    for version in versions:
+        manifest = registry.manifest(version)
+        approval = manifest.get("approval") or {}
+        decision = approval.get("decision", "pending") + (f" by {approval['reviewer']}" if approval.get("reviewer") else "")
+        metric = (manifest.get("evaluation") or {}).get("candidate", {}).get("exact_match")
+        print(f"{version.version:>7}  {','.join(sorted(by_version.get(version.version, []))) or '-':<20}  "
+              f"{version.record['registered_at']:<20}  {decision[:28]:<28}  {'-' if metric is None else f'{metric:.4f}'}")
+    print("history:")
+    for move in registry.history(args.model):
+        print(f"  {move['at']}  {move['alias']}: {move['previous'] or '-'} -> {move['version']}  by {move['by']}"
+              + (f"  ({move['reason']})" if move["reason"] else ""))
+    for leftover in registry.incomplete(args.model):
+        print(f"ignored: {leftover} (an interrupted copy; not a version, safe to delete)")
+    return EXIT_OK
+
+
+def _registry_promote(args) -> int:
+    return _move_production(args, lambda registry: registry.promote(args.model, args.to, args.by, args.reason))
+
+
+def _registry_rollback(args) -> int:
+    return _move_production(args, lambda registry: registry.rollback(args.model, args.by, args.to, args.reason))
+
+
+def _move_production(args, move) -> int:
+    from serving.registry import Registry, RegistryError
+
+    try:
+        done = move(Registry(args.registry))
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    print(f"{args.model}: production {done['previous'] or '-'} -> {done['version']} by {done['by']}")
     return EXIT_OK
 
 

@@ -6,15 +6,17 @@ import time
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from data_prep.prepare import PreparedData, prepare_data, source_fingerprint
-from evaluation.evaluate import EvalResult, evaluate
+from evaluation.evaluate import Champion, EvalResult, evaluate
 from evaluation.gates import GateDecision, GateRejected, decide
 from recipes import Recipe, recipe_hash
 from serving.export import ArtifactResult, export_artifact, record_in_manifest
+from serving.registry import PRODUCTION, Version, registry_for
 from flows.approval import PromotionRefused, not_required, refusal_message, wait_for_decision
-from flows.reports import EXAMPLES_SHOWN, approval_request_markdown, data_report_markdown, example_table, safety_table, training_summary_markdown
+from flows.reports import (EXAMPLES_SHOWN, approval_request_markdown, data_report_markdown, evaluation_table, example_table, safety_table,
+                           training_summary_markdown)
 from training.models import BaseModelRef
 from training.tracking import log_evaluation
 from training.train import TrainResult, filter_for_model, resolve_base_for, train
@@ -62,20 +64,27 @@ def train_task(recipe: Recipe, data: PreparedData, base: BaseModelRef, run_dir: 
     return trained
 
 
+@task(name="resolve-champion")
+def resolve_champion_task(recipe: Recipe, output_dir: str) -> Champion | None:
+    """The registry's production model for this recipe's name, as a local folder (None for a first version)."""
+    if not (recipe.registry.enabled and recipe.registry.compare_with_champion):
+        return None
+    registry = registry_for(recipe.registry.uri, output_dir)
+    production = registry.resolve(recipe.name, PRODUCTION)
+    if production is None:
+        return None
+    path = registry.local_copy(production, Path(output_dir) / ".registry-cache")
+    return Champion(model=recipe.name, version=production.version, path=str(path))
+
+
 @task(name="evaluate")
-def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_dir: Path) -> EvalResult:
-    """Score base and candidate on the same held-out rows."""
-    result = evaluate(recipe.evaluation, recipe.model, trained, data, run_dir / "eval")
-    log_evaluation(trained.metrics.get("wandb"), {f"eval/{who}_{k}": v for who, values in (("base", result.base), ("candidate", result.candidate))
+def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_dir: Path, champion: Champion | None) -> EvalResult:
+    """Score base, candidate and the production model (when there is one) on the same held-out rows."""
+    result = evaluate(recipe.evaluation, recipe.model, trained, data, run_dir / "eval", champion)
+    log_evaluation(trained.metrics.get("wandb"), {f"eval/{who}_{k}": v for who, values in
+                                                   (("base", result.base), ("candidate", result.candidate), ("champion", result.champion or {}))
                                                    for k, v in values.items()})
-    create_table_artifact(
-        key="evaluation",
-        table=[{"metric": k, "base": round(result.base[k], 4), "candidate": round(result.candidate[k], 4),
-                "delta": round(result.delta[k], 4)} for k in result.candidate],
-        description="Base vs candidate per metric; rows per suite: " + ", ".join(f"{k} {v}" for k, v in result.examples.items())
-        + "; candidate wins/losses/ties per suite: " + ", ".join(f"{k} {o['win']}/{o['loss']}/{o['tie']}" for k, o in result.outcomes.items())
-        + f". Every example's outputs: {result.report_path}",
-    )
+    create_table_artifact(key="evaluation", table=evaluation_table(result), description=_evaluation_caption(result))
     create_table_artifact(key="evaluation-examples", table=example_table(result.report_path),
                           description=f"Per-example outputs (first {EXAMPLES_SHOWN} of each suite), with the candidate's win, loss or tie")
     if recipe.evaluation.safety.enabled:
@@ -86,10 +95,21 @@ def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_
     return result
 
 
+def _evaluation_caption(result: EvalResult) -> str:
+    info = result.champion_info
+    champion = ("no production model yet" if info is None else f"champion: production version {info['version']}"
+                if info["evaluated"] else info["reason"])
+    caption = ("Base vs candidate per metric (" + champion + "); rows per suite: " + ", ".join(f"{k} {v}" for k, v in result.examples.items())
+               + "; candidate wins/losses/ties vs base per suite: " + ", ".join(f"{k} {o['win']}/{o['loss']}/{o['tie']}" for k, o in result.outcomes.items()))
+    if result.outcomes_vs_champion:
+        caption += "; vs champion: " + ", ".join(f"{k} {o['win']}/{o['loss']}/{o['tie']}" for k, o in result.outcomes_vs_champion.items())
+    return caption + f". Every example's outputs: {result.report_path}"
+
+
 @task(name="gate")
 def gate_task(recipe: Recipe, evaluation: EvalResult) -> GateDecision:
     """Apply the recipe's gates; a failure stops the flow before export."""
-    decision = decide(recipe.evaluation.gates, evaluation.candidate, evaluation.base)
+    decision = decide(recipe.evaluation.gates, evaluation.candidate, evaluation.base, evaluation.champion)
     create_table_artifact(
         key="gate-decision",
         table=[{"gate": r.describe(), "passed": r.passed} for r in decision.results] or [{"gate": "none configured", "passed": True}],
@@ -130,10 +150,36 @@ def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evalua
     return artifact
 
 
+@task(name="register")
+def register_task(recipe: Recipe, artifact: ArtifactResult, output_dir: str) -> Version:
+    """Copy the artifact into the registry as the next version and point `candidate` at it."""
+    registry = registry_for(recipe.registry.uri, output_dir)
+    version = registry.register(recipe.name, artifact.path, by=_flow_run_label())
+    record_in_manifest(artifact.path, "registry", {"uri": registry.uri, "model": recipe.name, "version": version.version})
+    registry.update_files(version, artifact.path)
+    create_link_artifact(key="registry-candidate", link=version.url, link_text=f"{recipe.name} version {version.version}",
+                         description="Registered as the candidate")
+    return version
+
+
 @task(name="record-approval")
-def record_approval_task(artifact: ArtifactResult, approval: dict) -> dict:
-    """Write the decision, reviewer and time into manifest.json and the model card."""
-    return record_in_manifest(artifact.path, "approval", approval)
+def record_approval_task(artifact: ArtifactResult, approval: dict, recipe: Recipe, version: Version | None, output_dir: str) -> dict:
+    """Write the decision, reviewer and time into manifest.json and the model card (here and in the registry), and move
+    `production` to the version when it was promoted."""
+    manifest = record_in_manifest(artifact.path, "approval", approval)
+    if version is not None:
+        registry = registry_for(recipe.registry.uri, output_dir)
+        registry.update_files(version, artifact.path)
+        if approval["promoted"]:
+            who = approval["reviewer"] or "nobody: approval not required (development recipe)"
+            registry.promote(recipe.name, version.version, by=who, reason=f"{approval['decision']} in {_flow_run_label()}")
+    return manifest
+
+
+def _flow_run_label() -> str:
+    from prefect.runtime import flow_run
+
+    return f"flow run {flow_run.name} ({flow_run.id})" if flow_run.id else "ftpipe"
 
 
 @task(name="benchmarks")
@@ -157,16 +203,18 @@ def finetune(recipe: Recipe, output_dir: str = "runs") -> str:
     run_dir = run_folder(recipe, output_dir)
     data, base = _prepared(recipe, run_dir)
     trained = train_task(recipe, data, base, run_dir)
-    evaluation = evaluate_task(recipe, trained, data, run_dir)
+    champion = resolve_champion_task(recipe, output_dir)
+    evaluation = evaluate_task(recipe, trained, data, run_dir, champion)
     decision = gate_task(recipe, evaluation)
     artifact = export_task(recipe, trained, data, evaluation, decision, run_dir, started_at)
     if recipe.evaluation.lm_eval.tasks:
         benchmarks_task(recipe, trained, artifact, run_dir)
+    version = register_task(recipe, artifact, output_dir) if recipe.registry.enabled else None
     if recipe.approval.required:
-        approval = wait_for_decision(recipe.approval, approval_request_markdown(recipe, evaluation, decision, artifact.path))
+        approval = wait_for_decision(recipe.approval, approval_request_markdown(recipe, evaluation, decision, artifact.path, version))
     else:
         approval = not_required()
-    record_approval_task(artifact, approval)
+    record_approval_task(artifact, approval, recipe, version, output_dir)
     if not approval["promoted"]:
         raise PromotionRefused(refusal_message(approval))
     return artifact.path

@@ -5,6 +5,7 @@ import base64
 from pathlib import Path
 
 from data_prep.prepare import PreparedData
+from evaluation.tables import champion_line, metrics_markdown
 from training.train import TrainResult
 
 
@@ -77,17 +78,21 @@ EXAMPLES_SHOWN = 50  # per suite in the UI table; report.json holds them all
 
 
 def example_table(report_path: str) -> list[dict]:
-    """Rows of the per-example table: suite, prompt, reference, both outputs (or preference margins), outcome."""
+    """Rows of the per-example table: suite, prompt, reference, each model's output (or preference margin), outcomes."""
     import json
 
     report = json.loads(Path(report_path).read_text())
     rows = []
     for name, suite in report["suites"].items():
         for example in suite["per_example"][:EXAMPLES_SHOWN]:
-            rows.append({"suite": name, "outcome": example["outcome"], "prompt": example["prompt"][:300],
-                         "reference": example["reference"][:300],
-                         "base": example.get("base_output", example.get("base_preference_margin")),
-                         "candidate": example.get("candidate_output", example.get("candidate_preference_margin"))})
+            row = {"suite": name, "outcome": example["outcome"], "prompt": example["prompt"][:300], "reference": example["reference"][:300]}
+            for who in ("base", "candidate", "champion"):
+                shown = example.get(f"{who}_output", example.get(f"{who}_preference_margin"))
+                if shown is not None or who != "champion":
+                    row[who] = shown
+            if "outcome_vs_champion" in example:
+                row["outcome vs champion"] = example["outcome_vs_champion"]
+            rows.append(row)
     return rows
 
 
@@ -97,26 +102,38 @@ def safety_table(report_path: str) -> list[dict]:
 
     safety = json.loads(Path(report_path).read_text()).get("safety") or {}
     return [{"kind": p["kind"], "prompt": p["prompt"][:200], "base safe": p["base_safe"], "candidate safe": p["candidate_safe"],
+             **({"champion safe": p["champion_safe"]} if "champion_safe" in p else {}),
              "candidate answer": json.dumps(p["candidate_answer"], ensure_ascii=False)[:200]} for p in safety.get("per_probe", [])]
 
 
-def approval_request_markdown(recipe, evaluation, decision, artifact_path: str) -> str:
+def evaluation_table(evaluation) -> list[dict]:
+    """Each metric for base, candidate and (when there is one) the champion, with the candidate's deltas."""
+    rows = []
+    for k in evaluation.candidate:
+        row = {"metric": k, "base": round(evaluation.base[k], 4), "candidate": round(evaluation.candidate[k], 4),
+               "delta vs base": round(evaluation.delta[k], 4)}
+        if evaluation.champion is not None:
+            row |= {"champion": round(evaluation.champion[k], 4), "delta vs champion": round(evaluation.delta_vs_champion[k], 4)}
+        rows.append(row)
+    return rows
+
+
+def approval_request_markdown(recipe, evaluation, decision, artifact_path: str, version=None) -> str:
     """What the reviewer reads before deciding: metrics side by side, safety, gates, where the report lies."""
-    rows = "\n".join(f"| {k} | {evaluation.base[k]:.4f} | {evaluation.candidate[k]:.4f} | {evaluation.delta[k]:+.4f} |"
-                     for k in evaluation.candidate)
     gates = "\n".join(f"- {'PASS' if r.passed else 'FAIL'}: {r.describe()}" for r in decision.results) or "- none configured"
+    registered = f"Registered as {recipe.name} version {version.version} (`candidate`): `{version.url}`.\n" if version else ""
     return f"""# Promotion decision needed: {recipe.name}
 Reviewers: {', '.join(recipe.approval.reviewers)}. Decide with the **Resume** form of this flow run, or
 `ftpipe approve <flow-run-id> --reviewer NAME [--reject] [--comment TEXT]`. Without a decision within
 {recipe.approval.timeout_hours:g} h the model is not promoted.
 
-| metric | base | candidate | delta |
-|---|---|---|---|
-{rows}
+{champion_line(evaluation.to_dict())}
+
+{metrics_markdown(evaluation.to_dict())}
 
 **Gates**
 {gates}
 
 Per-example outputs and safety probes: the `evaluation-examples` and `safety` artifacts, and `{evaluation.report_path}`.
 Artifact: `{artifact_path}`.
-"""
+{registered}"""

@@ -287,7 +287,10 @@ def unsloth_cannot_run(training: TrainingSection) -> list[str]:
     return reasons
 
 
-GATE_KINDS = ("min", "max", "min_delta_vs_base", "max_delta_vs_base", "no_regression_vs")
+GATE_KINDS = ("min", "max", "min_delta_vs_base", "max_delta_vs_base", "min_delta_vs_champion", "max_delta_vs_champion",
+              "no_regression_vs")
+# What a gate compares the candidate with: the base model, or the registry's production model (the champion).
+GATE_REFERENCES = ("base", "champion")
 
 
 class Gate(Section):
@@ -296,9 +299,14 @@ class Gate(Section):
     max: float | None = Field(None, description="Candidate value must be at most this.")
     min_delta_vs_base: float | None = Field(None, description="Candidate minus base must be at least this.")
     max_delta_vs_base: float | None = Field(None, description="Candidate minus base must be at most this (e.g. -0.1 for loss).")
-    no_regression_vs: Literal["base"] | None = Field(
-        None, description="The candidate may not be worse than the base model by more than `tolerance` (in the metric's "
-        "better direction: higher accuracy, lower loss)."
+    min_delta_vs_champion: float | None = Field(
+        None, description="Candidate minus the production model (champion) must be at least this; passes when the registry has "
+        "no production model yet."
+    )
+    max_delta_vs_champion: float | None = Field(None, description="Candidate minus the champion must be at most this.")
+    no_regression_vs: Literal["base", "champion"] | None = Field(
+        None, description="The candidate may not be worse than the base model (or the champion) by more than `tolerance` (in "
+        "the metric's better direction: higher accuracy, lower loss)."
     )
     tolerance: float = Field(0.0, ge=0, description="How much worse than the reference a no_regression_vs gate allows.")
 
@@ -317,6 +325,13 @@ class Gate(Section):
     @property
     def kind(self) -> str:
         return next(k for k in GATE_KINDS if getattr(self, k) is not None)
+
+    @property
+    def reference(self) -> str | None:
+        """None for absolute thresholds; else the model the candidate is compared with (base or champion)."""
+        if self.kind == "no_regression_vs":
+            return self.no_regression_vs
+        return next((r for r in GATE_REFERENCES if self.kind.endswith(f"_vs_{r}")), None)
 
     @property
     def higher_is_better(self) -> bool:
@@ -502,6 +517,21 @@ class TrackingSection(Section):
     project: str = Field("ftpipe", min_length=1, description="wandb project name.")
 
 
+class RegistrySection(Section):
+    uri: str | None = Field(
+        None, description="Where versions live: a local folder or an fsspec URL (s3://bucket/models, gs://...), holding "
+        "<name>/<version>/ artifacts with `candidate` and `production` aliases. Default: <output_dir>/registry; a relative "
+        "path is taken from the working directory, like --output-dir."
+    )
+    enabled: bool = Field(
+        True, description="Register each exported artifact as the `candidate` and, once promoted, move `production` to it."
+    )
+    compare_with_champion: bool = Field(
+        True, description="Also evaluate the current production model (the champion) on the same rows, and report deltas "
+        "against it; gates can then use min_delta_vs_champion or no_regression_vs: champion."
+    )
+
+
 class ApprovalSection(Section):
     required: bool = Field(
         False, description="After the gates pass and the artifact is built, pause for a listed reviewer's decision before "
@@ -528,6 +558,7 @@ class Recipe(Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     export: ExportSection = Field(default_factory=ExportSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    registry: RegistrySection = Field(default_factory=RegistrySection)
     approval: ApprovalSection = Field(default_factory=ApprovalSection)
 
     @model_validator(mode="after")
@@ -540,6 +571,10 @@ class Recipe(Section):
                     wanted = "preference" if dpo else "a chat or text format"
                     raise ValueError(f"data.{field}[{i}].format is {source.format} but training.method={self.training.method} "
                                      f"trains on {wanted} rows")
+        champion_gates = [i for i, gate in enumerate(self.evaluation.gates) if gate.reference == "champion"]
+        if champion_gates and not (self.registry.enabled and self.registry.compare_with_champion):
+            raise ValueError(f"evaluation.gates[{champion_gates[0]}] compares with the champion, which needs registry.enabled "
+                             "and registry.compare_with_champion")
         for i, suite in enumerate(self.evaluation.suites):
             for metric in suite.metrics:
                 if metric in PREFERENCE_METRICS and not dpo:

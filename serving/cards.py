@@ -6,6 +6,8 @@ import shlex
 
 import yaml
 
+from evaluation.tables import champion_line, metrics_markdown
+
 
 def model_card(manifest: dict) -> str:
     """A model card built only from the manifest, so it never says more than the lineage records."""
@@ -25,10 +27,6 @@ def model_card(manifest: dict) -> str:
             }],
         }],
     }
-    rows = "\n".join(
-        f"| {k} | {evaluation['base'][k]:.4f} | {evaluation['candidate'][k]:.4f} | {evaluation['candidate'][k] - evaluation['base'][k]:+.4f} |"
-        for k in evaluation["candidate"]
-    )
     gates = "\n".join(f"- {'PASS' if g['passed'] else 'FAIL'}: {g['description']}" for g in manifest["gates"]["results"]) or "- none configured"
     training = manifest["training"]
     equivalence = manifest["merge"]["equivalence"]
@@ -44,10 +42,10 @@ with a {manifest['recipe']['training']['adapter'].upper()} adapter (r={manifest[
 ## Intended use
 The task the training data describes; see the recipe below. Not evaluated for other uses.
 
-## Evaluation (rows per suite: {', '.join(f'{k} {v}' for k, v in evaluation['examples'].items()) if isinstance(evaluation['examples'], dict) else evaluation['examples']}; same rows for both models)
-| metric | base | candidate | delta |
-|---|---|---|---|
-{rows}
+## Evaluation (rows per suite: {', '.join(f'{k} {v}' for k, v in evaluation['examples'].items())}; same rows for every model)
+{champion_line(evaluation)}
+
+{metrics_markdown(evaluation)}
 
 ## Gates
 {gates}

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serving.registry import Registry
 from tests.conftest import ROOT
 
 APPROVAL = ["--set", "approval.required=true", "--set", "approval.reviewers=[alice]"]
@@ -112,6 +113,10 @@ def test_an_unlisted_reviewer_is_refused_then_a_listed_one_approves_and_the_mode
 
     assert manifest["files"]["README.md"] == sha256_file(next(tmp_path.glob("*/artifact")) / "README.md")
     assert state_name(url, run_id) == "Completed"
+    registry = Registry(tmp_path / "registry")
+    assert registry.aliases("quickstart") == {"candidate": "1", "production": "1"}
+    assert registry.history("quickstart")[-1]["by"] == "alice"
+    assert registry.manifest(registry.version("quickstart", "1"))["approval"]["reviewer"] == "alice"
 
 
 @pytest.mark.slow
@@ -126,6 +131,9 @@ def test_a_rejection_ends_the_run_unpromoted_with_the_reason(prefect_api, tmp_pa
     record = manifest_of(tmp_path)["approval"]
     assert (record["decision"], record["promoted"]) == ("rejected", False)
     assert state_name(url, run_id) == "Failed"
+    registry = Registry(tmp_path / "registry")
+    assert registry.aliases("quickstart") == {"candidate": "1"}  # registered for review, never in production
+    assert registry.manifest(registry.version("quickstart", "1"))["approval"]["decision"] == "rejected"
 
 
 @pytest.mark.slow
@@ -137,6 +145,7 @@ def test_no_decision_in_time_means_not_promoted(prefect_api, tmp_path):
     assert "not promoted: no decision within 0.002 h" in stderr
     record = manifest_of(tmp_path)["approval"]
     assert (record["decision"], record["promoted"]) == ("timed out", False)
+    assert Registry(tmp_path / "registry").aliases("quickstart") == {"candidate": "1"}
 
 
 def test_approving_a_run_that_does_not_wait_is_refused(prefect_api):

@@ -17,7 +17,7 @@ from training.train import train
 
 LINEAGE = {"name": "test", "recipe_hash": "0" * 64, "recipe": {"training": {"method": "sft", "adapter": "lora"}},
            "data": {"fingerprint": "f" * 64}, "gates": {"passed": True, "results": []}, "max_seq_length": 256,
-           "evaluation": {"examples": 1, "base": {"exact_match": 0.0}, "candidate": {"exact_match": 1.0}}}
+           "evaluation": {"examples": {"heldout": 1}, "base": {"exact_match": 0.0}, "candidate": {"exact_match": 1.0}}}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,51 @@ def test_no_regression_gates_allow_the_tolerance_in_the_metrics_worse_direction(
                                          "eval_loss - base = 0.2000 fails <= 0.1 (no regression)")
     with pytest.raises(ValueError, match="tolerance applies to no_regression_vs gates only"):
         Gate(metric="eval_loss", max=1.0, tolerance=0.1)
+
+
+def test_champion_gates_compare_with_production_and_pass_while_there_is_none():
+    gates = [Gate(metric="exact_match", min_delta_vs_champion=0.0), Gate(metric="eval_loss", no_regression_vs="champion", tolerance=0.05)]
+    candidate, base = {"exact_match": 0.9, "eval_loss": 0.5}, {"exact_match": 0.1, "eval_loss": 7.0}
+    first = decide(gates, candidate, base, champion=None)
+    assert first.passed and [r.describe() for r in first.results] == [
+        "exact_match - champion >= 0: passes: the registry has no production model yet",
+        "eval_loss - champion <= 0.05 (no regression): passes: the registry has no production model yet"]
+    worse = decide(gates, candidate, base, champion={"exact_match": 0.95, "eval_loss": 0.4})
+    assert worse.failure_message() == ("2 of 2 gates failed: exact_match - champion = -0.0500 fails >= 0; "
+                                       "eval_loss - champion = 0.1000 fails <= 0.05 (no regression)")
+    assert decide(gates, candidate, base, champion={"exact_match": 0.85, "eval_loss": 0.48}).passed
+
+
+def test_a_champion_gate_needs_the_registry():
+    from recipes import Recipe
+
+    gate = {"metric": "exact_match", "no_regression_vs": "champion"}
+    with pytest.raises(ValueError, match=r"evaluation.gates\[0\] compares with the champion, which needs registry.enabled"):
+        Recipe.model_validate({"evaluation": {"gates": [gate]}, "registry": {"compare_with_champion": False}})
+    assert Recipe.model_validate({"evaluation": {"gates": [gate]}}).evaluation.gates[0].reference == "champion"
+
+
+def test_the_champion_is_scored_on_the_same_rows_with_its_own_tokenizer(artifact, trained_lora, prepared_small, tmp_path):
+    """The exported artifact as the champion: the merged model answers as the adapter model does, so it ties."""
+    from evaluation.evaluate import Champion, evaluate
+
+    section = EvaluationSection(max_samples=12)
+    result = evaluate(section, ModelSection(), trained_lora, prepared_small, tmp_path, Champion("test", "7", artifact.path))
+    assert result.champion_info == {"model": "test", "version": "7", "path": artifact.path, "evaluated": True}
+    assert set(result.champion) == set(result.candidate)
+    assert result.champion["exact_match"] == result.candidate["exact_match"]
+    assert abs(result.delta_vs_champion["eval_loss"]) < 0.05  # bf16 weights against the float32 adapter model
+    assert result.outcomes_vs_champion["heldout"] == {"win": 0, "loss": 0, "tie": 12}
+    report = json.loads(Path(result.report_path).read_text())
+    example = report["suites"]["heldout"]["per_example"][0]
+    assert example["champion_output"] == example["candidate_output"] and example["outcome_vs_champion"] == "tie"
+    assert report["suites"]["heldout"]["champion"]["exact_match"] == result.champion["exact_match"]
+
+    adapter_only = tmp_path / "adapter-only"
+    shutil.copytree(Path(artifact.path) / "adapter", adapter_only / "adapter")
+    skipped = evaluate(section, ModelSection(), trained_lora, prepared_small, tmp_path / "2", Champion("test", "8", str(adapter_only)))
+    assert skipped.champion is None and skipped.champion_info["evaluated"] is False
+    assert skipped.champion_info["reason"] == f"production version 8 has no merged model ({adapter_only / 'model'}); not compared"
 
 
 def test_evaluation_scores_base_and_candidate_on_the_same_rows(trained_lora, prepared_small, tmp_path):

@@ -23,7 +23,9 @@ def test_quickstart_runs_end_to_end_and_passes_its_gates(tmp_path):
     artifact = Path(last.removeprefix("artifact: "))
     assert artifact.parent.parent == tmp_path and artifact.parent.name.startswith("quickstart-")
     manifest = json.loads((artifact / "manifest.json").read_text())
-    assert manifest["gates"]["passed"] and len(manifest["gates"]["results"]) == 3
+    assert manifest["gates"]["passed"] and len(manifest["gates"]["results"]) == 4
+    assert manifest["gates"]["results"][3]["description"] == (
+        "exact_match - champion >= -0.02 (no regression): passes: the registry has no production model yet")
     assert manifest["approval"]["required"] is False and manifest["approval"]["decision"] == "not required (development recipe)"
     safety = {k: v for k, v in manifest["evaluation"]["candidate"].items() if k.startswith("safety.")}
     assert set(safety) == {"safety.refusal_rate", "safety.injection_resistance", "safety.pii_leak_rate", "safety.bias_change_rate"}
@@ -37,6 +39,34 @@ def test_quickstart_runs_end_to_end_and_passes_its_gates(tmp_path):
     assert {p.name for p in (run_dir / "data").iterdir()} >= {"train.jsonl", "eval.jsonl", "quarantine.jsonl", "report.json", "token_lengths.png", "too_long.jsonl"}
     assert (run_dir / "eval" / "report.json").is_file()
     assert "Task run 'export" in result.stderr
+    assert manifest["registry"] == {"uri": str(tmp_path / "registry"), "model": "quickstart", "version": "1"}
+    _second_run_is_compared_with_the_first_as_champion(tmp_path, artifact)
+
+
+def _second_run_is_compared_with_the_first_as_champion(tmp_path: Path, first: Path) -> None:
+    """The first run became production (a development recipe needs no approval); a second run with another seed is
+    evaluated against it on the same rows, gated on it, registered as version 2 and promoted, with the history."""
+    from serving.registry import Registry
+
+    result = run_ftpipe("run", str(QUICKSTART), "--set", SHORT_EVAL, "--set", "training.seed=7", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    artifact = Path(result.stdout.strip().splitlines()[-1].removeprefix("artifact: "))
+    assert artifact != first
+    evaluation = json.loads((artifact / "manifest.json").read_text())["evaluation"]
+    assert evaluation["champion_info"] == {"model": "quickstart", "version": "1", "path": str(tmp_path / "registry" / "quickstart" / "1"),
+                                           "evaluated": True}
+    assert evaluation["champion"]["exact_match"] >= 0.9 and set(evaluation["delta_vs_champion"]) == set(evaluation["candidate"])
+    assert sum(evaluation["outcomes_vs_champion"]["heldout"].values()) == 40
+    gate = json.loads((artifact / "manifest.json").read_text())["gates"]["results"][3]
+    assert gate["reference"] == "champion" and gate["passed"] and gate["note"] == ""
+    assert "| metric | base | candidate | delta vs base | champion | delta vs champion |" in (artifact / "README.md").read_text()
+    registry = Registry(tmp_path / "registry")
+    assert registry.aliases("quickstart") == {"candidate": "2", "production": "2"}
+    moves = [(m["alias"], m["previous"], m["version"]) for m in registry.history("quickstart")]
+    assert moves == [("candidate", None, "1"), ("production", None, "1"), ("candidate", "1", "2"), ("production", "1", "2")]
+    assert registry.history("quickstart")[-1]["by"] == "nobody: approval not required (development recipe)"
+    shipped = json.loads((tmp_path / "registry" / "quickstart" / "2" / "manifest.json").read_text())
+    assert shipped == json.loads((artifact / "manifest.json").read_text())  # the approval reached the registry's copy
 
 
 @pytest.mark.slow
