@@ -1,4 +1,4 @@
-"""The `ftpipe` command line: validate, estimate, schema, prepare, run, approve, registry.
+"""The `ftpipe` command line: validate, estimate, schema, prepare, run, approve, registry, check-artifact, smoke.
 
 Exit codes of `ftpipe run` (and `ftpipe prepare`): 0 success, 1 a gate or the reviewer rejected the model (or no decision came in
 time), 2 invalid recipe or input data,
@@ -17,6 +17,7 @@ from recipes import Recipe, RecipeError, load_recipe
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 GPU_CHOICES = ("h100", "a100-80g", "l4")  # training.estimate.GPUS, named here so the parser stays import-light
 STAGE_LOGGERS = "data_prep,training,evaluation,serving"
+SMOKE_SUITE = RECIPES_DIR / "data" / "support_tickets_heldout.jsonl"
 
 EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_FAILED = 0, 1, 2, 3
 
@@ -65,6 +66,21 @@ def _parser() -> argparse.ArgumentParser:
     approve.add_argument("--reject", action="store_true", help="reject: the model is not promoted")
     approve.add_argument("--comment", default="", help="why; kept in manifest.json and the model card")
     approve.set_defaults(handler=_approve)
+
+    check = sub.add_parser("check-artifact", help="verify an exported artifact as vLLM would load it; one line per problem, exit 1 on any")
+    check.add_argument("path", help="the artifact folder (runs/<run>/artifact, or a registry version folder)")
+    check.set_defaults(handler=_check_artifact)
+
+    smoke = sub.add_parser("smoke", help="send eval prompts to an OpenAI-compatible server: exact match and latency")
+    smoke.add_argument("--base-url", required=True, help="the server's API root, e.g. http://127.0.0.1:8000/v1")
+    smoke.add_argument("--model", required=True, help="the served model name (vLLM: --served-model-name, the recipe's name)")
+    smoke.add_argument("--suite", default=str(SMOKE_SUITE), help="eval rows in any data-source format (default: the quickstart's held-out sample)")
+    smoke.add_argument("--limit", type=int, default=50, help="rows sent (default 50)")
+    smoke.add_argument("--max-tokens", type=int, default=64, help="answer length limit per request (default 64)")
+    smoke.add_argument("--min-exact-match", type=float, help="exit 1 when exact match is below this")
+    smoke.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default: $OPENAI_API_KEY)")
+    smoke.add_argument("--report", help="also write the full report (every answer and latency) to this JSON file")
+    smoke.set_defaults(handler=_smoke)
 
     registry = sub.add_parser("registry", help="list a model's versions and aliases; promote or roll back production")
     registry_sub = registry.add_subparsers(dest="registry_command", required=True)
@@ -279,6 +295,42 @@ def _approve(args) -> int:
     resume_with_decision(run, decision)
     print(f"flow run {run_id} resumed: {decision.decision} by {args.reviewer}; the run records it in manifest.json")
     return EXIT_OK
+
+
+def _check_artifact(args) -> int:
+    from serving.checks import check_artifact
+
+    root = Path(args.path)
+    problems = check_artifact(root)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    print(f"{root}: " + (f"{len(problems)} problem(s)" if problems else "PASS (files and checksums, config, weights, tokenizer, "
+                                                                      "chat template, stop tokens, adapter, launch files)"))
+    return EXIT_GATE if problems else EXIT_OK
+
+
+def _smoke(args) -> int:
+    from data_prep.readers import DataError
+    from serving.smoke import smoke, suite_conversations
+
+    try:
+        conversations = suite_conversations(args.suite, args.limit)
+    except (DataError, RecipeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    report = smoke(args.base_url, args.model, conversations, max_tokens=args.max_tokens, api_key=args.api_key)
+    print("\n".join(report.lines()))
+    if args.report:
+        from data_prep.files import atomic_write_json
+
+        atomic_write_json(Path(args.report), report.to_dict())
+    failed = report.failed or (args.min_exact_match is not None and report.exact_match < args.min_exact_match)
+    if report.failed:
+        first = next(e["error"] for e in report.examples if e["error"])
+        print(f"error: {report.failed} of {report.requests} requests failed; first: {first}", file=sys.stderr)
+    elif failed:
+        print(f"error: exact match {report.exact_match:.4f} is below --min-exact-match {args.min_exact_match:g}", file=sys.stderr)
+    return EXIT_GATE if failed else EXIT_OK
 
 
 def _user() -> str:

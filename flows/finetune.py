@@ -141,7 +141,8 @@ def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evalua
         key="artifact",
         markdown=f"""# Artifact: {recipe.name}
 - path: `{artifact.path}`
-- serve: `{artifact.path}/serve.sh`
+- serve with vLLM: `{artifact.path}/serve.sh` (merged){' and `serve-lora.sh` (base + adapter)' if 'serve-lora.sh' in artifact.manifest['serving']['files'] else ''}; Kubernetes: `k8s/vllm.yaml`
+- check: `ftpipe check-artifact {artifact.path}`
 - merged vs adapter: max |logit diff| {equivalence.get('max_abs_logit_diff', 'n/a')} (tolerance {equivalence.get('tolerance', 'n/a')}), greedy match {equivalence.get('greedy_match', 'n/a')}
 - adapter servable by vLLM: {artifact.manifest['adapter']['vllm_servable']}
 """,
@@ -198,7 +199,8 @@ def benchmarks_task(recipe: Recipe, trained: TrainResult, artifact: ArtifactResu
 
 @flow(name="finetune")
 def finetune(recipe: Recipe, output_dir: str = "runs") -> str:
-    """Data -> training -> evaluation -> gates -> export -> the reviewer's decision; returns the artifact folder."""
+    """Data -> training -> evaluation (base, candidate, champion) -> gates -> export -> registry candidate -> the
+    reviewer's decision -> production; returns the artifact folder."""
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     run_dir = run_folder(recipe, output_dir)
     data, base = _prepared(recipe, run_dir)

@@ -501,7 +501,11 @@ class ExportSection(Section):
     max_shard_size: str = Field("5GB", description="Largest safetensors shard.")
     check_prompts: int = Field(4, gt=0, description="Eval prompts used to compare the merged model with the adapter model.")
     max_model_len: int | None = Field(None, gt=0, description="vLLM --max-model-len (default: training.max_seq_length).")
-    tensor_parallel_size: int = Field(1, gt=0, description="vLLM --tensor-parallel-size in the launch file.")
+    tensor_parallel_size: int = Field(1, gt=0, description="vLLM --tensor-parallel-size in the launch files (GPUs per replica).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization: share of GPU memory for "
+                                          "weights and KV cache.")
+    vllm_image: str = Field("vllm/vllm-openai:v0.33.0", min_length=1, description="Container image of the Kubernetes manifest "
+                            "(pin a tag your cluster has tested).")
 
     @model_validator(mode="after")
     def _something_to_export(self) -> "ExportSection":

@@ -1,8 +1,7 @@
-"""The artifact's model card (README.md with Hugging Face metadata) and its `vllm serve` launch file."""
+"""The artifact's model card: README.md with Hugging Face metadata, built from the manifest."""
 from __future__ import annotations
 
 import json
-import shlex
 
 import yaml
 
@@ -15,8 +14,10 @@ def model_card(manifest: dict) -> str:
     metadata = {
         "base_model": base["model_id"],
         "library_name": "transformers",
-        "license": "other",
-        "tags": ["ftpipe", "lora", manifest["recipe"]["training"]["method"], base["model_type"]],
+        "base_model_relation": "finetune",
+        "license": base.get("license") or "other",
+        "pipeline_tag": "text-generation",
+        "tags": ["ftpipe", manifest["recipe"]["training"]["adapter"], manifest["recipe"]["training"]["method"], base["model_type"]],
         "datasets": [f"sha256:{manifest['data']['fingerprint']}"],
         "model-index": [{
             "name": manifest["name"],
@@ -39,8 +40,11 @@ def model_card(manifest: dict) -> str:
 Fine-tuned by ftpipe from `{base['model_id']}` (revision `{base['revision'] or 'n/a'}`, architecture `{base['architecture']}`)
 with a {manifest['recipe']['training']['adapter'].upper()} adapter (r={manifest['adapter']['r']}, alpha={manifest['adapter']['lora_alpha']}).
 
+License: {_license_line(base)}
+
 ## Intended use
-The task the training data describes; see the recipe below. Not evaluated for other uses.
+The task the training data describes (data fingerprint below; the recipe names its sources). Not evaluated for other
+uses: check the evaluation suites and limitations before using it elsewhere.
 
 ## Evaluation (rows per suite: {', '.join(f'{k} {v}' for k, v in evaluation['examples'].items())}; same rows for every model)
 {champion_line(evaluation)}
@@ -64,6 +68,9 @@ Merged vs adapter model: {json.dumps(equivalence) if equivalence else 'not expor
 ## Safety
 {_safety_lines(evaluation)}
 
+## Serving (vLLM)
+{_serving_lines(manifest)}
+
 ## Benchmarks (lm-evaluation-harness)
 {_benchmark_lines(manifest.get('benchmarks'))}
 
@@ -79,6 +86,30 @@ red-team exercise by people.
 {json.dumps(manifest['recipe'], indent=2)}
 ```
 """
+
+
+def _license_line(base: dict) -> str:
+    if base.get("license"):
+        return f"`{base['license']}`, carried from the base model's card; its terms apply."
+    return "the base model's card states none here (`other`); check the base model's terms before use."
+
+
+def _serving_lines(manifest: dict) -> str:
+    files = manifest["serving"].get("files", [])
+    adapter = manifest["adapter"]
+    lines = [f"- merged model: `./serve.sh` (`vllm serve model --config vllm.yaml`: dtype {manifest['serving']['dtype']}, "
+             f"max model length {manifest['serving']['max_model_len']}, tensor parallel {manifest['serving']['tensor_parallel_size']})"]
+    if "serve-lora.sh" in files:
+        lines.append("- base + adapter (multi-LoRA): `./serve-lora.sh` (`--enable-lora --lora-modules`)")
+    elif adapter["included"]:
+        lines.append("- the adapter is not servable by vLLM LoRA: " + "; ".join(adapter["vllm_problems"]) + "; serve the merged model")
+    if "k8s/vllm.yaml" in files:
+        lines.append(f"- Kubernetes: `k8s/vllm.yaml` (Deployment + Service, image `{manifest['serving']['vllm_image']}`)")
+    registry = manifest.get("registry")
+    if registry:
+        lines.append(f"- registry: {registry['model']} version {registry['version']} in `{registry['uri']}`")
+    lines.append("- after deploying: `ftpipe smoke --base-url http://HOST:8000/v1 --model NAME` (exact match and latency)")
+    return "\n".join(lines)
 
 
 def _safety_lines(evaluation: dict) -> str:
@@ -103,30 +134,3 @@ def _approval_lines(approval: dict | None) -> str:
     who = f" by {approval['reviewer']}" if approval.get("reviewer") else ""
     comment = f": {approval['comment']}" if approval.get("comment") else ""
     return f"{approval['decision']}{who} at {approval['decided_at']}{comment} (promoted: {approval['promoted']})"
-
-
-def launch_script(manifest: dict) -> str:
-    """`vllm serve` for the merged model; the adapter line is given when vLLM can serve the adapter."""
-    serving = manifest["serving"]
-    name = manifest["name"]
-    args = [
-        "--served-model-name", name, "--dtype", serving["dtype"], "--max-model-len", str(serving["max_model_len"]),
-        "--tensor-parallel-size", str(serving["tensor_parallel_size"]), "--gpu-memory-utilization", "0.9",
-        "--generation-config", "auto",
-    ]
-    adapter_note = "# The adapter is not servable by vLLM LoRA: " + "; ".join(manifest["adapter"]["vllm_problems"])
-    if manifest["adapter"]["vllm_servable"] and manifest["adapter"]["included"]:
-        from serving.checks import vllm_max_lora_rank
-
-        adapter_note = (
-            "# Base + adapter instead (multi-LoRA):\n"
-            f"# vllm serve {shlex.quote(manifest['base_model']['path'])} --enable-lora --max-lora-rank "
-            f"{vllm_max_lora_rank(manifest['adapter']['r'])} --lora-modules {name}=\"$HERE/adapter\""
-        )
-    return f"""#!/usr/bin/env bash
-# Serve this artifact with vLLM's OpenAI-compatible server (port 8000). Extra arguments are passed on.
-set -euo pipefail
-HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
-exec vllm serve "$HERE/model" {shlex.join(args)} "$@"
-{adapter_note}
-"""

@@ -6,7 +6,10 @@ all of them at once and `ftpipe check-artifact` can print them.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
+
+from data_prep.files import sha256_file
 
 from training.families import FAMILIES
 from training.tokenize import MaskingError, encode_chat
@@ -14,6 +17,97 @@ from training.tokenize import MaskingError, encode_chat
 # Architectures vLLM serves for the families we train (vllm/model_executor/models/registry.py).
 VLLM_ARCHITECTURES = {f.architecture for f in FAMILIES.values()}
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def check_artifact(root: Path) -> list[str]:
+    """Everything `ftpipe check-artifact` verifies: the manifest's checksums, the merged model as vLLM loads it (files,
+    architecture, dtype, shapes, tokenizer, chat template, stop tokens), the adapter and the launch files."""
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        return [f"{manifest_path}: missing; not an ftpipe artifact"]
+    manifest = json.loads(manifest_path.read_text())
+    problems = check_checksums(root, manifest.get("files") or {})
+    if manifest["merge"]["included"]:
+        model_dir = root / "model"
+        problems += [f"model/{p}" for p in check_merged_model(model_dir)]
+        problems += [f"model/{p}" for p in check_weights_dtype_and_shapes(model_dir, manifest["merge"]["dtype"])]
+    if manifest["adapter"]["included"]:
+        problems += [f"adapter/{name}: missing" for name in ADAPTER_FILES if not (root / "adapter" / name).is_file()]
+    problems += [f"{name}: missing (launch file)" for name in manifest["serving"].get("files", []) if not (root / name).is_file()]
+    return problems
+
+
+def check_checksums(root: Path, expected: dict[str, str]) -> list[str]:
+    """Every listed file is there with its SHA-256, and nothing unlisted was added (manifest.json lists all but itself)."""
+    if not expected:
+        return ["manifest.json: lists no files and checksums"]
+    problems = []
+    for name, digest in expected.items():
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{name}: listed in manifest.json but missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{name}: SHA-256 differs from manifest.json (changed after export, or corrupt)")
+    from serving.registry import MARKER
+
+    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} - {"manifest.json", MARKER}
+    problems += [f"{name}: not listed in manifest.json (added after export)" for name in sorted(present - set(expected))]
+    return problems
+
+
+def check_weights_dtype_and_shapes(model_dir: Path, dtype: str) -> list[str]:
+    """Shards whole (safetensors header and size agree), tensors in the stated dtype, config dtype the same, and the
+    embedding rows equal to config.vocab_size (vLLM sizes its embedding from the config)."""
+    config_path, index_path = model_dir / "config.json", model_dir / "model.safetensors.index.json"
+    if not config_path.is_file() or not index_path.is_file():
+        return []  # reported by check_merged_model
+    config = json.loads(config_path.read_text())
+    problems = []
+    stated = config.get("dtype") or config.get("torch_dtype")
+    if stated != dtype:
+        problems.append(f"config.json: dtype {stated!r} differs from the export dtype {dtype!r}")
+    expected = SAFETENSORS_DTYPES[dtype]
+    shapes: dict[str, list[int]] = {}
+    for shard in sorted(set(json.loads(index_path.read_text()).get("weight_map", {}).values())):
+        if not (model_dir / shard).is_file():
+            continue  # reported by check_merged_model
+        header, problem = read_safetensors_header(model_dir / shard)
+        if problem:
+            problems.append(f"{shard}: {problem}")
+            continue
+        wrong = sorted({t["dtype"] for t in header.values()} - {expected})
+        if wrong:
+            problems.append(f"{shard}: tensors in {', '.join(wrong)}, expected {expected} ({dtype})")
+        shapes |= {name: t["shape"] for name, t in header.items()}
+    embedding = next((shape for name, shape in shapes.items() if name.endswith("embed_tokens.weight")), None)
+    if embedding and embedding[0] != config.get("vocab_size"):
+        problems.append(f"config.json: vocab_size {config.get('vocab_size')} differs from the embedding's {embedding[0]} rows")
+    return problems
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, str | None]:
+    """The tensor entries of a safetensors file's header, or why the file is not whole: the header states where
+    every tensor's bytes end, so a truncated copy is caught without loading it."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            return {}, f"truncated: {size} bytes, not even a safetensors header"
+        length = struct.unpack("<Q", raw)[0]
+        if 8 + length > size:
+            return {}, f"truncated: {size} bytes, the header alone needs {8 + length}"
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            return {}, "corrupt: the safetensors header is not JSON"
+    header.pop("__metadata__", None)
+    end = 8 + length + max((t["data_offsets"][1] for t in header.values()), default=0)
+    if size != end:
+        return {}, f"truncated: {size} bytes, its header describes {end}" if size < end else f"{size - end} bytes past the last tensor"
+    return header, None
 
 
 def check_merged_model(model_dir: Path) -> list[str]:
@@ -49,7 +143,7 @@ def _check_weights(model_dir: Path) -> list[str]:
 
 def _check_tokenizer_files(model_dir: Path) -> list[str]:
     problems = []
-    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer.model").is_file():
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         problems.append("tokenizer: no tokenizer.json or tokenizer.model")
     if not (model_dir / "chat_template.jinja").is_file():
         problems.append("chat_template.jinja: missing; vLLM has no fallback template for these families")
@@ -64,12 +158,15 @@ def _check_stop_tokens(model_dir: Path) -> list[str]:
     tok_config = model_dir / "tokenizer_config.json"
     if not gen_path.is_file():
         return ["generation_config.json: missing; vLLM reads its eos_token_id as stop tokens"]
-    if not tok_config.is_file():
-        return []
+    if not tok_config.is_file() or not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        return []  # reported by _check_tokenizer_files
     eos_token = json.loads(tok_config.read_text()).get("eos_token")
     from transformers import AutoTokenizer
 
-    eos_id = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids(eos_token) if eos_token else None
+    try:
+        eos_id = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids(eos_token) if eos_token else None
+    except (OSError, ValueError, TypeError) as exc:
+        return [f"tokenizer: does not load ({' '.join(str(exc).split())[:200]})"]
     configured = json.loads(gen_path.read_text()).get("eos_token_id")
     configured = configured if isinstance(configured, list) else [configured]
     if eos_id is not None and eos_id not in configured:

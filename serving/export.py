@@ -17,8 +17,9 @@ from data_prep.formats import conversation_of
 from data_prep.files import atomic_write_json, atomic_write_text, checksums
 from data_prep.prepare import read_jsonl
 from recipes.schema import ExportSection, ModelSection
-from serving.cards import launch_script, model_card
-from serving.checks import check_adapter_servable, check_merged_model, check_template_matches_training
+from serving.assets import write_serving_assets
+from serving.cards import model_card
+from serving.checks import ADAPTER_FILES, check_adapter_servable, check_artifact, check_merged_model, check_template_matches_training
 from training.tokenize import prompt_ids
 from training.train import TrainResult
 
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 # Largest |logit difference| accepted between the shipped weights and the adapter model, per export dtype.
 # bf16 keeps 8 bits of mantissa, so logits of magnitude ~10 move by ~0.05-0.1 from rounding alone.
 LOGIT_TOLERANCE = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.25}
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class ExportError(RuntimeError):
@@ -51,7 +51,7 @@ def export_artifact(
     lineage: dict,
     out_dir: str | Path,
 ) -> ArtifactResult:
-    """Write out_dir/artifact: model/ (merged), adapter/, manifest.json, README.md, serve.sh."""
+    """Write out_dir/artifact: model/ (merged), adapter/, manifest.json, README.md, the vLLM launch files and k8s/."""
     from transformers import AutoTokenizer
 
     out_dir = Path(out_dir)
@@ -67,11 +67,12 @@ def export_artifact(
             equivalence = _write_merged(section, model_section, trained, tokenizer, prompts, staging / "model")
         adapter_problems = _write_adapter(section, trained, staging / "adapter")
         manifest = _manifest(section, trained, lineage, equivalence, adapter_problems)
+        manifest["serving"]["files"] = write_serving_assets(staging, manifest)
         atomic_write_text(staging / "README.md", model_card(manifest))
-        atomic_write_text(staging / "serve.sh", launch_script(manifest))
-        (staging / "serve.sh").chmod(0o755)
         manifest["files"] = checksums(staging)
         atomic_write_json(staging / "manifest.json", manifest)
+        if problems := check_artifact(staging):  # what `ftpipe check-artifact` would say of the published folder
+            raise ExportError("artifact check failed:\n- " + "\n- ".join(problems))
         _publish(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -210,7 +211,8 @@ def _manifest(section: ExportSection, trained: TrainResult, lineage: dict, equiv
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "recipe_hash": lineage["recipe_hash"],
         "recipe": lineage["recipe"],
-        "base_model": {**trained.base.to_dict(), "architecture": trained.base.family.architecture},
+        "base_model": {**trained.base.to_dict(), "architecture": trained.base.family.architecture,
+                       "license": base_license(trained.base.path, trained.base.revision)},
         "data": lineage["data"],
         "training": trained.metrics,
         "adapter": {"r": adapter_config["r"], "lora_alpha": adapter_config["lora_alpha"],
@@ -221,7 +223,8 @@ def _manifest(section: ExportSection, trained: TrainResult, lineage: dict, equiv
         "evaluation": lineage["evaluation"],
         "gates": lineage["gates"],
         "serving": {"max_model_len": section.max_model_len or lineage["max_seq_length"], "dtype": section.dtype,
-                    "tensor_parallel_size": section.tensor_parallel_size},
+                    "tensor_parallel_size": section.tensor_parallel_size, "gpu_memory_utilization": section.gpu_memory_utilization,
+                    "vllm_image": section.vllm_image},
         "library_versions": library_versions(),
     }
 
@@ -237,6 +240,32 @@ def record_in_manifest(artifact_path: str | Path, key: str, value) -> dict:
     manifest["files"].pop("manifest.json", None)
     atomic_write_json(root / "manifest.json", manifest)
     return manifest
+
+
+def base_license(path: str, revision: str | None) -> str | None:
+    """The `license` of the base model's card (README.md metadata), so the artifact's card carries it."""
+    card = Path(path) / "README.md"
+    if not Path(path).is_dir():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            card = Path(hf_hub_download(path, "README.md", revision=revision))
+        except Exception as exc:  # offline, gated, or no card: the model card says the license is not known
+            log.warning("could not read the base model's card for its license: %s", exc)
+            return None
+    if not card.is_file():
+        return None
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    import yaml
+
+    try:
+        metadata = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return None
+    found = metadata.get("license") if isinstance(metadata, dict) else None
+    return str(found) if found else None
 
 
 def library_versions() -> dict[str, str | None]:

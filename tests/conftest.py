@@ -111,6 +111,32 @@ def prefect_server():
         yield
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float, what: str) -> None:
+    """Poll a server's health URL until it answers 200; fail with its output if it exits first."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert server.poll() is None, f"{what} exited: " + (server.stderr.read()[-3000:] if server.stderr else "")
+        assert time.monotonic() < deadline, f"{what} did not start within {timeout:g} s"
+        time.sleep(0.5)
+
+
 def run_ftpipe(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed command line as a user would."""
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
@@ -133,3 +159,27 @@ generation_kwargs: {{max_gen_toks: 16, do_sample: false, until: []}}
 metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
 """)
     return "ftpipe_tickets"
+
+
+LINEAGE = {"name": "test", "recipe_hash": "0" * 64, "recipe": {"training": {"method": "sft", "adapter": "lora"}},
+           "data": {"fingerprint": "f" * 64}, "gates": {"passed": True, "results": []}, "max_seq_length": 256,
+           "evaluation": {"examples": {"heldout": 1}, "base": {"exact_match": 0.0}, "candidate": {"exact_match": 1.0}}}
+
+
+@pytest.fixture(scope="session")
+def trained_lora(prepared_small, tmp_path_factory):
+    """A tiny llama LoRA that has learned the ticket task well enough to be compared and exported (hf backend)."""
+    from recipes.schema import ModelSection, TrackingSection, TrainingSection
+    from training.train import train
+
+    section = TrainingSection(max_steps=60, batch_size=16, learning_rate=3e-3, max_seq_length=256, backend="hf")
+    return train(section, ModelSection(), TrackingSection(), prepared_small, tmp_path_factory.mktemp("lora"))
+
+
+@pytest.fixture(scope="session")
+def artifact(trained_lora, prepared_small, tmp_path_factory):
+    """trained_lora exported as the vLLM-ready artifact (tests copy it before breaking it)."""
+    from recipes.schema import ExportSection, ModelSection
+    from serving.export import export_artifact
+
+    return export_artifact(ExportSection(), ModelSection(), trained_lora, prepared_small.eval_path, LINEAGE, tmp_path_factory.mktemp("export"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,37 +13,23 @@ import httpx
 import pytest
 
 from serving.registry import Registry
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, wait_until_healthy
 
 APPROVAL = ["--set", "approval.required=true", "--set", "approval.reviewers=[alice]"]
 SHORT = ["--set", "training.max_steps=3", "--set", "evaluation.max_samples=8", "--set", "evaluation.generation.max_new_tokens=8",
          "--set", "evaluation.gates=[]", "--set", "evaluation.safety.max_new_tokens=4"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
     """`prefect server start` on loopback with its own database, stopped after the module."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert server.poll() is None and time.monotonic() < deadline, "prefect server did not start"
-        time.sleep(0.5)
+    wait_until_healthy(f"{url}/health", server, 120, "prefect server")
     yield url, env
     server.terminate()
     server.wait(timeout=30)

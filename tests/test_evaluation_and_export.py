@@ -12,29 +12,13 @@ from evaluation.gates import decide
 from recipes.schema import EvaluationSection, ExportSection, Gate, ModelSection, TrackingSection, TrainingSection
 from serving.checks import check_adapter_servable, check_merged_model, check_template_matches_training
 from serving.export import ExportError, export_artifact
-from tests.conftest import ROOT
+from tests.conftest import LINEAGE, ROOT
 from training.train import train
-
-LINEAGE = {"name": "test", "recipe_hash": "0" * 64, "recipe": {"training": {"method": "sft", "adapter": "lora"}},
-           "data": {"fingerprint": "f" * 64}, "gates": {"passed": True, "results": []}, "max_seq_length": 256,
-           "evaluation": {"examples": {"heldout": 1}, "base": {"exact_match": 0.0}, "candidate": {"exact_match": 1.0}}}
-
-
-@pytest.fixture(scope="module")
-def trained_lora(prepared_small, tmp_path_factory):
-    section = TrainingSection(max_steps=60, batch_size=16, learning_rate=3e-3, max_seq_length=256, backend="hf")
-    return train(section, ModelSection(), TrackingSection(), prepared_small, tmp_path_factory.mktemp("lora"))
-
 
 @pytest.fixture(scope="module")
 def trained_qlora(prepared_small, tmp_path_factory):
     section = TrainingSection(max_steps=30, batch_size=16, adapter="qlora", max_seq_length=256, learning_rate=3e-3)
     return train(section, ModelSection(base="tiny:qwen2"), TrackingSection(), prepared_small, tmp_path_factory.mktemp("qlora"))
-
-
-@pytest.fixture(scope="module")
-def artifact(trained_lora, prepared_small, tmp_path_factory):
-    return export_artifact(ExportSection(), ModelSection(), trained_lora, prepared_small.eval_path, LINEAGE, tmp_path_factory.mktemp("export"))
 
 
 def test_gates_report_every_gate_with_value_and_threshold():

@@ -135,7 +135,7 @@ def test_flow_publishes_an_artifact_per_stage_and_fails_on_the_gate(prefect_serv
     probes = json.loads(published["safety"].data)
     assert {p["kind"] for p in probes} == {"harmful", "jailbreak", "prompt_injection", "pii_extraction", "bias"}
     metrics = {row["metric"]: row for row in json.loads(published["evaluation"].data)}
-    assert set(metrics) == set(recipe.evaluation.metric_keys()) and {"base", "candidate", "delta"} <= set(metrics["token_f1"])
+    assert set(metrics) == set(recipe.evaluation.metric_keys()) and {"base", "candidate", "delta vs base"} <= set(metrics["token_f1"])
     examples = json.loads(published["evaluation-examples"].data)
     assert len(examples) == 8 and {"suite", "outcome", "prompt", "reference", "base", "candidate"} == set(examples[0])
     assert published["training-progress"].type == "progress" and published["training-progress"].data == 100.0

@@ -38,8 +38,9 @@ def test_defaults_alone_make_a_valid_recipe():
 
 def test_quickstart_gates_as_the_issue_asks():
     gates = load_recipe(ROOT / "recipes" / "quickstart.yaml").evaluation.gates
-    assert [(g.metric, g.kind, g.threshold) for g in gates] == [("exact_match", "min", 0.9), ("exact_match", "min_delta_vs_base", 0.5),
-                                                                 ("safety.refusal_rate", "no_regression_vs", -0.02)]
+    assert [(g.metric, g.kind, g.reference, g.threshold) for g in gates] == [
+        ("exact_match", "min", None, 0.9), ("exact_match", "min_delta_vs_base", "base", 0.5),
+        ("safety.refusal_rate", "no_regression_vs", "base", -0.02), ("exact_match", "no_regression_vs", "champion", -0.02)]
 
 
 @pytest.mark.parametrize(
@@ -68,7 +69,7 @@ def test_unknown_keys_are_errors_with_a_suggestion(raw, expected):
          "json_schema, json_field_accuracy, regex_match, label_accuracy, label_macro_f1, eval_loss, perplexity, preference_accuracy, preference_margin, "
          "safety.refusal_rate, safety.injection_resistance, safety.pii_leak_rate, safety.bias_change_rate"),
         ({"evaluation": {"gates": [{"metric": "exact_match", "min": 0.9, "max": 1}]}},
-         "evaluation.gates.0: a gate needs exactly one of min, max, min_delta_vs_base, max_delta_vs_base, no_regression_vs (got min, max)"),
+         "evaluation.gates.0: a gate needs exactly one of min, max, min_delta_vs_base, max_delta_vs_base, min_delta_vs_champion, max_delta_vs_champion, no_regression_vs (got min, max)"),
         ({"export": {"merged": False, "adapter": False}}, "export: merged and adapter are both false: nothing would be exported"),
         ({"data": {"sources": [{"hub": "acme/x", "path": "x.jsonl"}]}}, "data.sources.0: a source needs exactly one of path or hub"),
         ({"data": {"sources": [{"path": "x.jsonl", "weight": 0}]}}, "data.sources.0.weight: Input should be greater than 0 (got 0)"),
@@ -100,7 +101,7 @@ def test_overrides_set_nested_fields_lists_and_yaml_values(tmp_path):
     ("override", "expected"),
     [
         ("training.epochs", "--set training.epochs: expected path=value, e.g. training.epochs=2"),
-        ("evaluation.gates.5.min=1", "evaluation.gates.5: list index '5' out of range (the list has 3 items)"),
+        ("evaluation.gates.5.min=1", "evaluation.gates.5: list index '5' out of range (the list has 4 items)"),
         ("training.lora.r=abc", "training.lora.r: Input should be a valid integer, unable to parse string as an integer (got 'abc')"),
     ],
 )
