@@ -5,12 +5,13 @@ merges and ships (for QLoRA too: the 4-bit base is a training device, not the de
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.files import atomic_write_json
+from data_prep.files import atomic_write_json, sha256_file
 from data_prep.formats import RowError, conversation_of, rename_columns, to_canonical
 from data_prep.prepare import PreparedData, read_jsonl
 from data_prep.readers import DataError, parse_jsonl_line
@@ -45,6 +46,7 @@ class EvalResult:
     champion: dict[str, float] | None = None  # the production model's metrics, when the registry has one
     champion_info: dict | None = None  # which version, or why none was evaluated
     outcomes_vs_champion: dict[str, dict[str, int]] = field(default_factory=dict)
+    scores: dict[str, "ModelScores"] = field(default_factory=dict, repr=False)  # every answer, for a later champion comparison
 
     @property
     def delta(self) -> dict[str, float]:
@@ -87,22 +89,55 @@ def evaluate(section: EvaluationSection, model_section: ModelSection, trained: T
              champion: Champion | None = None) -> EvalResult:
     """Score base, candidate and (when given) the champion on every suite; write report.json with every example's
     outputs and scores."""
+    result = score_base_and_candidate(section, model_section, trained, data, out_dir)
+    return compare_with_champion(result, section, data, champion, out_dir, trained.adapter_path)
+
+
+def score_base_and_candidate(section: EvaluationSection, model_section: ModelSection, trained: TrainResult, data: PreparedData,
+                             out_dir: str | Path) -> EvalResult:
+    """The base model and the candidate on the same rows; kept apart from the champion, which changes when another
+    version is promoted while these scores stay valid."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    suites = [(suite, suite_rows(suite, data, section.max_samples)) for suite in section.suites]
+    suites = _suites(section, data)
     tokenizer = AutoTokenizer.from_pretrained(trained.adapter_path)  # the tokenizer training used, template included
     model = load_model(trained.base.path, trained.base.revision, trust_remote_code=model_section.trust_remote_code, tokenizer=tokenizer)
     scores = {"base": score_model(model, tokenizer, section, suites)}
     model = PeftModel.from_pretrained(model, trained.adapter_path).eval()
     scores["candidate"] = score_model(model, tokenizer, section, suites)
-    del model
-    champion_info = None
-    if champion is not None:
-        champion_info, champion_scores = _score_champion(champion, section, suites)
-        if champion_scores is not None:
-            scores["champion"] = champion_scores
+    return _write_report(section, suites, scores, None, Path(out_dir) / "report.json")
+
+
+def compare_with_champion(result: EvalResult, section: EvaluationSection, data: PreparedData, champion: Champion | None,
+                          out_dir: str | Path, adapter_path: str | None = None) -> EvalResult:
+    """Add the production model's scores on the same rows, with deltas and wins/losses/ties; rewrite report.json.
+    A production version exported from this very adapter (a re-run of an unchanged recipe) is not another model:
+    nothing is compared, so the re-run reproduces the same artifact instead of registering a copy."""
+    if champion is None:
+        return result
+    if adapter_path and _exported_from(champion, Path(adapter_path)):
+        log.info("production version %s was exported from this adapter: no other model to compare with", champion.version)
+        return result
+    suites = _suites(section, data)
+    champion_info, champion_scores = _score_champion(champion, section, suites)
+    scores = {"base": result.scores["base"], "candidate": result.scores["candidate"]}
+    if champion_scores is not None:
+        scores["champion"] = champion_scores
     return _write_report(section, suites, scores, champion_info, Path(out_dir) / "report.json")
+
+
+def _exported_from(champion: Champion, adapter_dir: Path) -> bool:
+    manifest = Path(champion.path) / "manifest.json"
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not (manifest.is_file() and weights.is_file()):
+        return False
+    shipped = json.loads(manifest.read_text()).get("files", {}).get("adapter/adapter_model.safetensors")
+    return shipped == sha256_file(weights)
+
+
+def _suites(section: EvaluationSection, data: PreparedData) -> list[tuple[EvalSuite, list[dict]]]:
+    return [(suite, suite_rows(suite, data, section.max_samples)) for suite in section.suites]
 
 
 def score_model(model, tokenizer, section: EvaluationSection, suites: list[tuple[EvalSuite, list[dict]]]) -> ModelScores:
@@ -128,7 +163,7 @@ def _write_report(section: EvaluationSection, suites, scores: dict[str, ModelSco
     base, candidate, champion = scores["base"], scores["candidate"], scores.get("champion")
     result = EvalResult(report_path=str(path), examples={suite.name: len(rows) for suite, rows in suites},
                         base=base.metrics(suites), candidate=candidate.metrics(suites),
-                        champion=champion.metrics(suites) if champion else None, champion_info=champion_info)
+                        champion=champion.metrics(suites) if champion else None, champion_info=champion_info, scores=scores)
     report_suites = {}
     for i, (suite, rows) in enumerate(suites):
         examples = compare_examples(suite, rows, base.suites[i], candidate.suites[i], champion.suites[i] if champion else None)

@@ -44,7 +44,7 @@ class GateDecision:
         return f"{len(failed)} of {len(self.results)} gates failed: " + "; ".join(failed)
 
 
-NO_CHAMPION = "passes: the registry has no production model yet"
+NO_CHAMPION = "passes: no other model in production (none yet, or it is this very adapter)"
 
 
 def decide(gates: list[Gate], candidate: dict[str, float], base: dict[str, float], champion: dict[str, float] | None = None) -> GateDecision:

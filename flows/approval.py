@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
+from enum import Enum
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -16,10 +16,17 @@ from pydantic import Field
 from recipes.schema import ApprovalSection
 
 
+class Decision(str, Enum):
+    """An enum, not a Literal: Prefect's UI offers an enum's values in a drop-down."""
+
+    approve = "approve"
+    reject = "reject"
+
+
 class PromotionDecision(RunInput):
     """The form a reviewer fills in the Prefect UI (or `ftpipe approve` sends)."""
 
-    decision: Literal["approve", "reject"] = Field(description="approve promotes the candidate; reject does not.")
+    decision: Decision = Field(description="approve promotes the candidate; reject does not.")
     reviewer: str = Field(description="Your name as listed in the recipe's approval.reviewers.")
     comment: str = Field("", description="Why; kept in manifest.json and the model card.")
 
@@ -52,12 +59,12 @@ def wait_for_decision(approval: ApprovalSection, request_markdown: str) -> dict:
             break
         reviewer = answer.reviewer.strip()
         if reviewer in approval.reviewers:
-            promoted = answer.decision == "approve"
+            promoted = answer.decision is Decision.approve
             return {"required": True, "decision": "approved" if promoted else "rejected", "reviewer": reviewer,
                     "comment": answer.comment, "decided_at": now(), "promoted": promoted, "refused": refused}
         message = f"refused a decision from {reviewer!r}: only {', '.join(approval.reviewers)} may decide; still waiting"
         logger.warning(message)
-        refused.append({"reviewer": reviewer, "decision": answer.decision, "at": now()})
+        refused.append({"reviewer": reviewer, "decision": answer.decision.value, "at": now()})
         create_markdown_artifact(key="approval-refused", markdown=f"# Decision refused\n{message}")
     return {"required": True, "decision": "timed out", "reviewer": None, "comment": f"no decision within {approval.timeout_hours:g} h",
             "decided_at": now(), "promoted": False, "refused": refused}

@@ -12,9 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from recipes import Recipe, RecipeError, load_recipe
+from recipes import RECIPES_DIR, Recipe, RecipeError, load_recipe, recipe_path
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 GPU_CHOICES = ("h100", "a100-80g", "l4")  # training.estimate.GPUS, named here so the parser stays import-light
 STAGE_LOGGERS = "data_prep,training,evaluation,serving"
 SMOKE_SUITE = RECIPES_DIR / "data" / "support_tickets_heldout.jsonl"
@@ -58,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the finetune flow: data -> train -> evaluate -> gate -> export")
     _recipe_args(run)
     run.add_argument("--output-dir", default="runs", help="folder that holds run folders (default: ./runs)")
+    run.add_argument("--force", action="store_true", help="run every stage again instead of reusing cached results")
     run.set_defaults(handler=_run)
 
     approve = sub.add_parser("approve", help="approve (or --reject) the promotion a paused finetune run waits for, through the Prefect API")
@@ -99,9 +99,16 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--reason", default="", help="why; kept in the alias history")
         command.set_defaults(handler=handler)
 
+    serve = sub.add_parser("serve", help="serve the finetune and prepare deployments from this machine (needs PREFECT_API_URL)")
+    serve.add_argument("--output-dir", default="runs", help="folder that holds run folders and the registry (default: ./runs)")
+    serve.add_argument("--gpus", type=int, default=1, help="training tasks allowed at once: the `gpu` global concurrency limit (default 1)")
+    serve.add_argument("--limit", type=int, help="flow runs at once from this process (default: no limit)")
+    serve.set_defaults(handler=_serve)
+
     prepare = sub.add_parser("prepare", help="run the data stage alone, into the folder `ftpipe run` would use")
     _recipe_args(prepare)
     prepare.add_argument("--output-dir", default="runs", help="folder that holds run folders (default: ./runs)")
+    prepare.add_argument("--force", action="store_true", help="prepare the data again instead of reusing the cached result")
     prepare.set_defaults(handler=_prepare)
     return parser
 
@@ -112,15 +119,8 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
                         help="override a field, e.g. --set training.epochs=2 (repeatable)")
 
 
-def resolve_recipe_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if not path.exists() and (RECIPES_DIR / f"{name_or_path}.yaml").is_file():
-        return RECIPES_DIR / f"{name_or_path}.yaml"
-    return path
-
-
 def _load(args) -> Recipe:
-    return load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    return load_recipe(recipe_path(args.recipe), args.overrides)
 
 
 def _validate(args) -> int:
@@ -261,7 +261,7 @@ def _run_flow(flow, args, label: str) -> int:
     recipe = _load(args)
     if problems := launch_problems(recipe.training.distributed):  # before any work, not after the data stage
         raise RecipeError(problems)
-    state = flow(recipe, output_dir=args.output_dir, return_state=True)
+    state = flow(recipe, output_dir=args.output_dir, force=args.force, return_state=True)
     if state.is_completed():
         print(f"{label}: {state.result()}")
         return EXIT_OK
@@ -273,6 +273,22 @@ def _run_flow(flow, args, label: str) -> int:
     code = exit_code_for(error)
     print(f"error: {error}" if isinstance(error, BaseException) else f"error: flow run ended {state.name}: {state.message}", file=sys.stderr)
     return code
+
+
+def _serve(args) -> int:
+    _route_stage_logs()
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        print("error: PREFECT_API_URL is not set: start a server (`prefect server start`) and run "
+              "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` first", file=sys.stderr)
+        return EXIT_INPUT
+    if args.gpus < 1:
+        raise RecipeError([f"--gpus: must be at least 1 (got {args.gpus})"])
+    from flows.deployments import serve_deployments
+
+    serve_deployments(args.output_dir, args.gpus, args.limit)
+    return EXIT_OK
 
 
 def _approve(args) -> int:
@@ -293,7 +309,7 @@ def _approve(args) -> int:
         return EXIT_INPUT
     decision = PromotionDecision(decision="reject" if args.reject else "approve", reviewer=args.reviewer, comment=args.comment)
     resume_with_decision(run, decision)
-    print(f"flow run {run_id} resumed: {decision.decision} by {args.reviewer}; the run records it in manifest.json")
+    print(f"flow run {run_id} resumed: {decision.decision.value} by {args.reviewer}; the run records it in manifest.json")
     return EXIT_OK
 
 
@@ -387,7 +403,10 @@ def _move_production(args, move) -> int:
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    print(f"{args.model}: production {done['previous'] or '-'} -> {done['version']} by {done['by']}")
+    if done is None:
+        print(f"{args.model}: version {args.to} is production already; nothing moved")
+    else:
+        print(f"{args.model}: production {done['previous'] or '-'} -> {done['version']} by {done['by']}")
     return EXIT_OK
 
 

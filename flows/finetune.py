@@ -1,25 +1,38 @@
-"""The `finetune` Prefect flow: one thin task per stage, each publishing what a person reads in the UI."""
+"""The `finetune` Prefect flow: one thin task per stage; cache keys and retries live in flows/caching.py, the UI's
+reports in flows/publish.py."""
 from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_link_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.concurrency.sync import concurrency
+from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
 from data_prep.prepare import PreparedData, prepare_data, source_fingerprint
-from evaluation.evaluate import Champion, EvalResult, evaluate
+from evaluation.evaluate import Champion, EvalResult, compare_with_champion, score_base_and_candidate
 from evaluation.gates import GateDecision, GateRejected, decide
-from recipes import Recipe, recipe_hash
+from recipes import Recipe, RecipeError, recipe_hash, recipe_names, resolve_recipe
 from serving.export import ArtifactResult, export_artifact, record_in_manifest
 from serving.registry import PRODUCTION, Version, registry_for
 from flows.approval import PromotionRefused, not_required, refusal_message, wait_for_decision
-from flows.reports import (EXAMPLES_SHOWN, approval_request_markdown, data_report_markdown, evaluation_table, example_table, safety_table,
-                           training_summary_markdown)
+from flows.caching import RETRIES, StageCache
+from flows.publish import publish_artifact, publish_data, publish_evaluation, publish_training
+from flows.reports import approval_request_markdown
 from training.models import BaseModelRef
 from training.tracking import log_evaluation
 from training.train import TrainResult, filter_for_model, resolve_base_for, train
+
+GPU_LIMIT = "gpu"  # the global concurrency limit that caps training tasks running at once (`ftpipe serve --gpus N`)
+# The recipes shipped in recipes/, as the Prefect form's drop-down; an inline recipe object is the other choice.
+RecipeName = Enum("RecipeName", {name: name for name in recipe_names()}, type=str)
+DEFAULT_RECIPE = RecipeName("quickstart")
 
 
 def run_folder(recipe: Recipe, output_dir: str | Path) -> Path:
@@ -28,43 +41,42 @@ def run_folder(recipe: Recipe, output_dir: str | Path) -> Path:
     return Path(output_dir).resolve() / f"{recipe.name}-{digest[:12]}"
 
 
-@task(name="prepare-data")
-def prepare_data_task(recipe: Recipe, run_dir: Path) -> PreparedData:
-    """Read, validate, quarantine, clean, de-duplicate and split the data (reused when unchanged)."""
+@task(name="prepare-data", cache_policy=StageCache(sections={"data": set()}), persist_result=True, **RETRIES)
+def prepare_data_task(recipe: Recipe, run_dir: Path, sources: str) -> PreparedData:
+    """Read, validate, quarantine, clean, de-duplicate and split the data (`sources`: the files' fingerprint)."""
     return prepare_data(recipe.data, run_dir / "data")
 
 
-@task(name="resolve-model")
+@task(name="resolve-model", cache_policy=StageCache(sections={"model": set()}), persist_result=True, **RETRIES)
 def resolve_model_task(recipe: Recipe, data: PreparedData) -> BaseModelRef:
     """Find the base model (or build the tiny one from the prepared text, keyed by the data's cache key)."""
     return resolve_base_for(recipe.model, data)
 
 
-@task(name="filter-tokens")
+@task(name="filter-tokens", cache_policy=StageCache(sections={"data": set(), "model": set(), "training": set()}), persist_result=True, **RETRIES)
 def filter_tokens_task(recipe: Recipe, data: PreparedData, base: BaseModelRef) -> PreparedData:
-    """Token-length filter with the model's tokenizer and chat template; publish the data report."""
-    data = filter_for_model(data, recipe.data, recipe.model, recipe.training, base)
-    create_markdown_artifact(key="data-report", markdown=data_report_markdown(data), description="Data preparation report")
-    return data
+    """Token-length filter with the model's tokenizer and chat template."""
+    return filter_for_model(data, recipe.data, recipe.model, recipe.training, base)
 
 
-@task(name="train")
+@task(name="train", cache_policy=StageCache(sections={"training": set(), "model": set()}), persist_result=True, **RETRIES)
 def train_task(recipe: Recipe, data: PreparedData, base: BaseModelRef, run_dir: Path) -> TrainResult:
-    """Train the LoRA/QLoRA adapter; a progress artifact follows the steps, a summary ends the task."""
+    """Train the LoRA/QLoRA adapter under the "gpu" concurrency limit; a retry resumes from the last checkpoint."""
     progress = create_progress_artifact(progress=0.0, key="training-progress", description="Training progress (optimizer steps)")
 
     def on_progress(step: int, total: int) -> None:
         update_progress_artifact(progress, progress=round(100 * step / max(total, 1), 1), description=f"step {step} of {total}")
 
-    trained = train(recipe.training, recipe.model, recipe.tracking, data, run_dir / "training", base=base,
-                    run_name=recipe.name, run_config=recipe.model_dump(mode="json"), on_progress=on_progress)
+    with concurrency(GPU_LIMIT, occupy=1):
+        held_from = _utc_now()
+        trained = train(recipe.training, recipe.model, recipe.tracking, data, run_dir / "training", base=base,
+                        run_name=recipe.name, run_config=recipe.model_dump(mode="json"), on_progress=on_progress)
+    trained.metrics["gpu_slot"] = {"limit": GPU_LIMIT, "held_from": held_from, "held_until": _utc_now()}
     update_progress_artifact(progress, progress=100.0, description=f"done: {trained.metrics['steps']} steps")
-    create_markdown_artifact(key="training-summary", description="Training summary",
-                             markdown=training_summary_markdown(recipe.name, trained, recipe.training.adapter, recipe.training.lora.r))
     return trained
 
 
-@task(name="resolve-champion")
+@task(name="resolve-champion", **RETRIES)
 def resolve_champion_task(recipe: Recipe, output_dir: str) -> Champion | None:
     """The registry's production model for this recipe's name, as a local folder (None for a first version)."""
     if not (recipe.registry.enabled and recipe.registry.compare_with_champion):
@@ -77,33 +89,23 @@ def resolve_champion_task(recipe: Recipe, output_dir: str) -> Champion | None:
     return Champion(model=recipe.name, version=production.version, path=str(path))
 
 
-@task(name="evaluate")
-def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_dir: Path, champion: Champion | None) -> EvalResult:
-    """Score base, candidate and the production model (when there is one) on the same held-out rows."""
-    result = evaluate(recipe.evaluation, recipe.model, trained, data, run_dir / "eval", champion)
-    log_evaluation(trained.metrics.get("wandb"), {f"eval/{who}_{k}": v for who, values in
-                                                   (("base", result.base), ("candidate", result.candidate), ("champion", result.champion or {}))
+@task(name="evaluate", cache_policy=StageCache(sections={"evaluation": {"gates"}, "model": set()}), persist_result=True, **RETRIES)
+def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_dir: Path) -> EvalResult:
+    """Score the base model and the candidate on the same held-out rows and safety probes."""
+    result = score_base_and_candidate(recipe.evaluation, recipe.model, trained, data, run_dir / "eval")
+    log_evaluation(trained.metrics.get("wandb"), {f"eval/{who}_{k}": v for who, values in (("base", result.base), ("candidate", result.candidate))
                                                    for k, v in values.items()})
-    create_table_artifact(key="evaluation", table=evaluation_table(result), description=_evaluation_caption(result))
-    create_table_artifact(key="evaluation-examples", table=example_table(result.report_path),
-                          description=f"Per-example outputs (first {EXAMPLES_SHOWN} of each suite), with the candidate's win, loss or tie")
-    if recipe.evaluation.safety.enabled:
-        create_table_artifact(key="safety", table=safety_table(result.report_path),
-                              description="Red-team and counterfactual bias probes: " + ", ".join(
-                                  f"{k.removeprefix('safety.')} {result.base[k]:.3f} -> {result.candidate[k]:.3f}"
-                                  for k in result.candidate if k.startswith("safety.")))
     return result
 
 
-def _evaluation_caption(result: EvalResult) -> str:
-    info = result.champion_info
-    champion = ("no production model yet" if info is None else f"champion: production version {info['version']}"
-                if info["evaluated"] else info["reason"])
-    caption = ("Base vs candidate per metric (" + champion + "); rows per suite: " + ", ".join(f"{k} {v}" for k, v in result.examples.items())
-               + "; candidate wins/losses/ties vs base per suite: " + ", ".join(f"{k} {o['win']}/{o['loss']}/{o['tie']}" for k, o in result.outcomes.items()))
-    if result.outcomes_vs_champion:
-        caption += "; vs champion: " + ", ".join(f"{k} {o['win']}/{o['loss']}/{o['tie']}" for k, o in result.outcomes_vs_champion.items())
-    return caption + f". Every example's outputs: {result.report_path}"
+@task(name="compare-champion", cache_policy=StageCache(sections={"evaluation": {"gates"}}), persist_result=True, **RETRIES)
+def compare_champion_task(recipe: Recipe, trained: TrainResult, evaluation: EvalResult, data: PreparedData, run_dir: Path,
+                          champion: Champion | None) -> EvalResult:
+    """Score the production model on the same rows (re-run only when another version is promoted)."""
+    result = compare_with_champion(evaluation, recipe.evaluation, data, champion, run_dir / "eval", trained.adapter_path)
+    if result.champion:
+        log_evaluation(None, {f"eval/champion_{k}": v for k, v in result.champion.items()})
+    return result
 
 
 @task(name="gate")
@@ -120,7 +122,7 @@ def gate_task(recipe: Recipe, evaluation: EvalResult) -> GateDecision:
     return decision
 
 
-@task(name="export")
+@task(name="export", cache_policy=StageCache(sections={"*": set()}, ignore={"started_at"}), persist_result=True, **RETRIES)
 def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evaluation: EvalResult,
                 decision: GateDecision, run_dir: Path, started_at: str) -> ArtifactResult:
     """Merge, check and write the vLLM-ready artifact."""
@@ -135,23 +137,10 @@ def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evalua
         "gates": decision.to_dict(),
         "max_seq_length": recipe.training.max_seq_length,
     }
-    artifact = export_artifact(recipe.export, recipe.model, trained, data.eval_path, lineage, run_dir)
-    equivalence = artifact.manifest["merge"]["equivalence"] or {}
-    create_markdown_artifact(
-        key="artifact",
-        markdown=f"""# Artifact: {recipe.name}
-- path: `{artifact.path}`
-- serve with vLLM: `{artifact.path}/serve.sh` (merged){' and `serve-lora.sh` (base + adapter)' if 'serve-lora.sh' in artifact.manifest['serving']['files'] else ''}; Kubernetes: `k8s/vllm.yaml`
-- check: `ftpipe check-artifact {artifact.path}`
-- merged vs adapter: max |logit diff| {equivalence.get('max_abs_logit_diff', 'n/a')} (tolerance {equivalence.get('tolerance', 'n/a')}), greedy match {equivalence.get('greedy_match', 'n/a')}
-- adapter servable by vLLM: {artifact.manifest['adapter']['vllm_servable']}
-""",
-        description="vLLM-ready artifact",
-    )
-    return artifact
+    return export_artifact(recipe.export, recipe.model, trained, data.eval_path, lineage, run_dir)
 
 
-@task(name="register")
+@task(name="register", **RETRIES)
 def register_task(recipe: Recipe, artifact: ArtifactResult, output_dir: str) -> Version:
     """Copy the artifact into the registry as the next version and point `candidate` at it."""
     registry = registry_for(recipe.registry.uri, output_dir)
@@ -183,7 +172,7 @@ def _flow_run_label() -> str:
     return f"flow run {flow_run.name} ({flow_run.id})" if flow_run.id else "ftpipe"
 
 
-@task(name="benchmarks")
+@task(name="benchmarks", cache_policy=StageCache(sections={"evaluation": set()}), persist_result=True, **RETRIES)
 def benchmarks_task(recipe: Recipe, trained: TrainResult, artifact: ArtifactResult, run_dir: Path) -> dict:
     """lm-evaluation-harness tasks on the base model and the merged artifact, recorded in the manifest."""
     from evaluation.benchmarks import run_lm_eval
@@ -197,18 +186,39 @@ def benchmarks_task(recipe: Recipe, trained: TrainResult, artifact: ArtifactResu
     return scores
 
 
-@flow(name="finetune")
-def finetune(recipe: Recipe, output_dir: str = "runs") -> str:
+@flow(name="finetune", persist_result=True, validate_parameters=False)
+def finetune(recipe: RecipeName | Recipe = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None, output_dir: str = "runs",
+             force: bool = False) -> str:
     """Data -> training -> evaluation (base, candidate, champion) -> gates -> export -> registry candidate -> the
-    reviewer's decision -> production; returns the artifact folder."""
+    reviewer's decision -> production; returns the artifact folder.
+
+    Args:
+        recipe: a recipe shipped in recipes/ by name, or a whole recipe object (every section, validated like a file)
+        overrides: fields to change, as nested sections ({"training": {"epochs": 2}}) or dotted paths ({"training.lora.r": 8})
+        output_dir: the folder that holds run folders and the registry, on the machine that runs the flow
+        force: run every stage again instead of reusing cached results
+    """
+    recipe = _validated(recipe, overrides)
+    with _cache_refreshed(force):
+        return _finetune(recipe, output_dir)
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _finetune(recipe: Recipe, output_dir: str) -> str:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     run_dir = run_folder(recipe, output_dir)
     data, base = _prepared(recipe, run_dir)
     trained = train_task(recipe, data, base, run_dir)
-    champion = resolve_champion_task(recipe, output_dir)
-    evaluation = evaluate_task(recipe, trained, data, run_dir, champion)
+    publish_training(recipe, trained)
+    evaluation = evaluate_task(recipe, trained, data, run_dir)
+    evaluation = compare_champion_task(recipe, trained, evaluation, data, run_dir, resolve_champion_task(recipe, output_dir))
+    publish_evaluation(recipe, evaluation)
     decision = gate_task(recipe, evaluation)
     artifact = export_task(recipe, trained, data, evaluation, decision, run_dir, started_at)
+    publish_artifact(recipe, artifact)
     if recipe.evaluation.lm_eval.tasks:
         benchmarks_task(recipe, trained, artifact, run_dir)
     version = register_task(recipe, artifact, output_dir) if recipe.registry.enabled else None
@@ -222,14 +232,41 @@ def finetune(recipe: Recipe, output_dir: str = "runs") -> str:
     return artifact.path
 
 
+def _validated(recipe: RecipeName | Recipe | dict | str, overrides: dict[str, Any] | None) -> Recipe:
+    """The recipe a run was given (name, object or mapping), overrides applied; refused with the recipe's own error
+    lines, and before any work when training cannot start here."""
+    from training.launch import launch_problems
+
+    recipe = resolve_recipe(recipe, overrides)
+    if problems := launch_problems(recipe.training.distributed):
+        raise RecipeError(problems)
+    return recipe
+
+
+def _cache_refreshed(force: bool):
+    return temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True}) if force else nullcontext()
+
+
 def _prepared(recipe: Recipe, run_dir: Path) -> tuple[PreparedData, BaseModelRef]:
-    data = prepare_data_task(recipe, run_dir)
+    data = prepare_data_task(recipe, run_dir, source_fingerprint(recipe.data))
     base = resolve_model_task(recipe, data)
-    return filter_tokens_task(recipe, data, base), base
+    data = filter_tokens_task(recipe, data, base)
+    publish_data(data)
+    return data, base
 
 
-@flow(name="prepare")
-def prepare(recipe: Recipe, output_dir: str = "runs") -> str:
-    """The data stage alone, into the same run folder `finetune` uses; returns the data folder."""
-    data, _ = _prepared(recipe, run_folder(recipe, output_dir))
+@flow(name="prepare", persist_result=True, validate_parameters=False)
+def prepare(recipe: RecipeName | Recipe = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None, output_dir: str = "runs",
+            force: bool = False) -> str:
+    """The data stage alone, into the same run folder `finetune` uses; returns the data folder.
+
+    Args:
+        recipe: a recipe shipped in recipes/ by name, or a whole recipe object
+        overrides: fields to change, as nested sections or dotted paths
+        output_dir: the folder that holds run folders
+        force: prepare the data again instead of reusing the cached result
+    """
+    recipe = _validated(recipe, overrides)
+    with _cache_refreshed(force):
+        data, _ = _prepared(recipe, run_folder(recipe, output_dir))
     return str(Path(data.train_path).parent)

@@ -1,5 +1,5 @@
 """The recipe: one strict pydantic schema for every stage, and its loader."""
-from recipes.loader import RecipeError, load_recipe, recipe_hash
+from recipes.loader import RECIPES_DIR, RecipeError, load_recipe, recipe_hash, recipe_names, recipe_path, resolve_recipe
 from recipes.schema import Recipe
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "recipe_hash"]
+__all__ = ["RECIPES_DIR", "Recipe", "RecipeError", "load_recipe", "recipe_hash", "recipe_names", "recipe_path", "resolve_recipe"]

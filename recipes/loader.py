@@ -1,9 +1,11 @@
 """Load a recipe from YAML plus `--set path=value` overrides, with errors that name the field and the fix."""
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +23,73 @@ class RecipeError(ValueError):
         super().__init__("\n".join(lines))
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+Overrides = list[str] | dict[str, Any]
+
+
+def load_recipe(path: str | Path | None = None, overrides: Overrides | None = None) -> Recipe:
     """Read a recipe file (or the defaults when path is None), apply overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(Path(path))
         _resolve_relative_paths(raw, Path(path).resolve().parent)
+    return recipe_from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Overrides | None) -> dict[str, Any]:
+    """`--set` strings (`training.epochs=2`), or a dict from the API: nested sections are merged into the recipe
+    (`{"training": {"epochs": 2}}`) and dotted keys set one field (`{"training.lora.r": 8}`)."""
+    if isinstance(overrides, dict):
+        _merge(raw, overrides, prefix="")
+        return raw
     for override in overrides or []:
         _apply_override(raw, override)
-    return recipe_from_dict(raw)
+    return raw
+
+
+def _merge(raw: dict[str, Any], partial: dict[str, Any], prefix: str) -> None:
+    for key, value in partial.items():
+        where = f"{prefix}{key}"
+        if not isinstance(key, str) or not key.strip("."):
+            raise RecipeError([f"overrides: {where!r}: empty field path"])
+        if "." in key:
+            _set_path(raw, key.split("."), value, where)
+        elif isinstance(value, dict) and isinstance(raw.get(key), dict):
+            _merge(raw[key], value, prefix=f"{where}.")
+        else:
+            raw[key] = value
+
+
+RECIPES_DIR = Path(__file__).resolve().parent
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped in recipes/, by name (`quickstart` for recipes/quickstart.yaml)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A file path as given, or the name of a recipe in recipes/."""
+    path = Path(name_or_path)
+    if not path.exists() and (RECIPES_DIR / f"{name_or_path}.yaml").is_file():
+        return RECIPES_DIR / f"{name_or_path}.yaml"
+    return path
+
+
+def resolve_recipe(recipe: "str | Enum | dict[str, Any] | Recipe", overrides: Overrides | None = None) -> Recipe:
+    """The recipe a flow run was given: a name in recipes/, a file path, an inline mapping (API, UI form) or a Recipe;
+    overrides applied, then validated with the loader's field-path errors."""
+    if isinstance(recipe, Enum):
+        recipe = recipe.value
+    if isinstance(recipe, str):
+        return load_recipe(recipe_path(recipe), overrides)
+    if isinstance(recipe, Recipe):
+        if not overrides:
+            return recipe
+        recipe = recipe.model_dump(mode="json")
+    if not isinstance(recipe, dict):
+        raise RecipeError([f"recipe: expected a recipe name ({', '.join(recipe_names())}), a file path or a mapping, "
+                           f"got {type(recipe).__name__}"])
+    return recipe_from_dict(apply_overrides(copy.deepcopy(recipe), overrides))
 
 
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
@@ -110,6 +170,11 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    _set_path(raw, keys, value, dotted)
+
+
+def _set_path(raw: dict[str, Any], keys: list[str], value: Any, dotted: str) -> None:
+    keys = [k for k in keys if k]
     node: Any = raw
     for i, key in enumerate(keys[:-1]):
         nxt = keys[i + 1]

@@ -300,8 +300,8 @@ class Gate(Section):
     min_delta_vs_base: float | None = Field(None, description="Candidate minus base must be at least this.")
     max_delta_vs_base: float | None = Field(None, description="Candidate minus base must be at most this (e.g. -0.1 for loss).")
     min_delta_vs_champion: float | None = Field(
-        None, description="Candidate minus the production model (champion) must be at least this; passes when the registry has "
-        "no production model yet."
+        None, description="Candidate minus the production model (champion) must be at least this; passes when there is no other "
+        "model in production (none yet, or production was exported from this very adapter)."
     )
     max_delta_vs_champion: float | None = Field(None, description="Candidate minus the champion must be at most this.")
     no_regression_vs: Literal["base", "champion"] | None = Field(

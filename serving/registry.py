@@ -26,6 +26,13 @@ ALIASES = "aliases.json"
 INCOMING = ".incoming-"
 
 
+def content_identity(manifest: dict) -> str:
+    """The same recipe and the same files (weights, tokenizer, launch files) are the same version, whatever the card
+    and the manifest gained after registration (the approval) or when the run started."""
+    files = {name: digest for name, digest in manifest["files"].items() if name != "README.md"}
+    return hashlib.sha256(json.dumps([manifest.get("recipe_hash"), files], sort_keys=True).encode()).hexdigest()
+
+
 class RegistryError(RuntimeError):
     """A registry operation was refused; the message says why and what to do."""
 
@@ -110,10 +117,9 @@ class Registry:
         """Copy a checked artifact in as the next version (or return the version already holding this exact artifact)
         and point `alias` at it."""
         artifact = Path(artifact)
-        manifest_bytes = (artifact / "manifest.json").read_bytes()
-        manifest = json.loads(manifest_bytes)
-        identity = hashlib.sha256(manifest_bytes).hexdigest()
-        existing = next((v for v in self.versions(model) if v.record.get("manifest_sha256") == identity), None)
+        manifest = json.loads((artifact / "manifest.json").read_bytes())
+        identity = content_identity(manifest)
+        existing = next((v for v in self.versions(model) if v.record.get("content_sha256") == identity), None)
         if existing is None:
             existing = self._copy_in(model, artifact, manifest, identity, by)
         if alias and self.aliases(model).get(alias) != existing.version:
@@ -139,8 +145,11 @@ class Registry:
         log.info("%s: %s %s -> %s by %s", model, alias, previous, version, by)
         return move
 
-    def promote(self, model: str, version: str, by: str, reason: str = "") -> dict:
-        """Move production to a version a reviewer approved (or one that needed no approval)."""
+    def promote(self, model: str, version: str, by: str, reason: str = "") -> dict | None:
+        """Move production to a version a reviewer approved (or one that needed no approval); None when it is
+        production already (a re-run of an unchanged recipe), so the history records only real moves."""
+        if self.aliases(model).get(PRODUCTION) == str(version):
+            return None
         approval = self.manifest(self.version(model, version)).get("approval")
         if not approval or not approval.get("promoted"):
             state = "has no approval decision yet" if not approval else f"was {approval['decision']}"
@@ -197,7 +206,7 @@ class Registry:
         except Exception:
             self.fs.rm(staging, recursive=True)  # a crash (SIGKILL) leaves it instead; incomplete() lists it
             raise
-        record = {"model": model, "registered_at": now(), "by": by, "source": str(artifact), "manifest_sha256": identity,
+        record = {"model": model, "registered_at": now(), "by": by, "source": str(artifact), "content_sha256": identity,
                   "name": manifest.get("name"), "recipe_hash": manifest.get("recipe_hash"),
                   "data_fingerprint": (manifest.get("data") or {}).get("fingerprint"),
                   "base_model": (manifest.get("base_model") or {}).get("model_id")}

@@ -1,13 +1,17 @@
 """Shared fixtures: tiny models built once per session (never downloaded), sample rows, run helpers."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,6 +22,7 @@ PREFERENCE_HELDOUT = ROOT / "recipes" / "data" / "support_tickets_preferences_he
 
 # Tiny models and Prefect's database go to a per-session folder, never the user's home, and no test
 # may reach a hub. Set before any test imports transformers, and inherited by every child process.
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="ftpipe-tests-"))
 os.environ.setdefault("FTPIPE_CACHE", str(_SESSION_DIR / "cache"))
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -111,6 +116,60 @@ def prefect_server():
         yield
 
 
+@contextlib.contextmanager
+def prefect_server_process(home: Path, **env_vars: str):
+    """`prefect server start` on 127.0.0.1 with its own home (database, result storage); yields (api url, the env a
+    client needs), stopped afterwards."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false", **env_vars)
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_healthy(f"{url}/health", server, 120, f"prefect server (log: {home / 'server.log'})")
+        yield url, env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def background(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def deployment_id(url: str, name: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = httpx.get(f"{url}/deployments/name/{name}")
+        if found.status_code == 200:
+            return found.json()["id"]
+        assert process.poll() is None, log.read_text()[-3000:]
+        time.sleep(1)
+    raise AssertionError(f"deployment {name} never appeared:\n{log.read_text()[-3000:]}")
+
+
+def wait_for(url: str, run_id: str, timeout: float = 900) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        flow_run = httpx.get(f"{url}/flow_runs/{run_id}").json()
+        if flow_run["state"]["type"] in TERMINAL:
+            return flow_run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} did not finish within {timeout:g} s")
+
+
 def free_port() -> int:
     import socket
 
@@ -121,10 +180,6 @@ def free_port() -> int:
 
 def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float, what: str) -> None:
     """Poll a server's health URL until it answers 200; fail with its output if it exits first."""
-    import time
-
-    import httpx
-
     deadline = time.monotonic() + timeout
     while True:
         try:

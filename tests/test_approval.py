@@ -3,7 +3,6 @@ reject (not promoted), an unlisted reviewer (refused, the run stays paused), and
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import httpx
 import pytest
 
 from serving.registry import Registry
-from tests.conftest import ROOT, free_port, wait_until_healthy
+from tests.conftest import ROOT, prefect_server_process
 
 APPROVAL = ["--set", "approval.required=true", "--set", "approval.reviewers=[alice]"]
 SHORT = ["--set", "training.max_steps=3", "--set", "evaluation.max_samples=8", "--set", "evaluation.generation.max_new_tokens=8",
@@ -23,16 +22,8 @@ SHORT = ["--set", "training.max_steps=3", "--set", "evaluation.max_samples=8", "
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
     """`prefect server start` on loopback with its own database, stopped after the module."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_until_healthy(f"{url}/health", server, 120, "prefect server")
-    yield url, env
-    server.terminate()
-    server.wait(timeout=30)
+    with prefect_server_process(tmp_path_factory.mktemp("prefect-home")) as (url, env):
+        yield url, env
 
 
 def start_run(env: dict, out: Path, *overrides: str) -> subprocess.Popen:

@@ -50,8 +50,8 @@ def test_champion_gates_compare_with_production_and_pass_while_there_is_none():
     candidate, base = {"exact_match": 0.9, "eval_loss": 0.5}, {"exact_match": 0.1, "eval_loss": 7.0}
     first = decide(gates, candidate, base, champion=None)
     assert first.passed and [r.describe() for r in first.results] == [
-        "exact_match - champion >= 0: passes: the registry has no production model yet",
-        "eval_loss - champion <= 0.05 (no regression): passes: the registry has no production model yet"]
+        "exact_match - champion >= 0: passes: no other model in production (none yet, or it is this very adapter)",
+        "eval_loss - champion <= 0.05 (no regression): passes: no other model in production (none yet, or it is this very adapter)"]
     worse = decide(gates, candidate, base, champion={"exact_match": 0.95, "eval_loss": 0.4})
     assert worse.failure_message() == ("2 of 2 gates failed: exact_match - champion = -0.0500 fails >= 0; "
                                        "eval_loss - champion = 0.1000 fails <= 0.05 (no regression)")

@@ -25,7 +25,7 @@ def test_quickstart_runs_end_to_end_and_passes_its_gates(tmp_path):
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["gates"]["passed"] and len(manifest["gates"]["results"]) == 4
     assert manifest["gates"]["results"][3]["description"] == (
-        "exact_match - champion >= -0.02 (no regression): passes: the registry has no production model yet")
+        "exact_match - champion >= -0.02 (no regression): passes: no other model in production (none yet, or it is this very adapter)")
     assert manifest["approval"]["required"] is False and manifest["approval"]["decision"] == "not required (development recipe)"
     safety = {k: v for k, v in manifest["evaluation"]["candidate"].items() if k.startswith("safety.")}
     assert set(safety) == {"safety.refusal_rate", "safety.injection_resistance", "safety.pii_leak_rate", "safety.bias_change_rate"}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from recipes import Recipe, RecipeError, load_recipe, recipe_hash
+from recipes import Recipe, RecipeError, load_recipe, recipe_hash, resolve_recipe
 from recipes.loader import recipe_from_dict
 from tests.conftest import ROOT, run_ftpipe
 
@@ -192,3 +192,28 @@ def test_the_summary_says_who_must_approve_and_how_gates_compare():
     required = summary(load_recipe(quickstart, ["approval.required=true", "approval.reviewers=[alice, bob]", "approval.timeout_hours=24"]))
     assert "approval: required from alice, bob within 24 h" in required
     assert "safety.refusal_rate no regression vs base (tolerance 0.02)" in required
+
+
+def test_a_flow_run_takes_a_recipe_by_name_path_or_object_with_dict_overrides():
+    """What the Prefect form and the REST API send: a name in recipes/ or a whole recipe object, plus overrides as
+    nested sections or dotted paths."""
+    by_name = resolve_recipe("quickstart", {"training": {"epochs": 2, "lora": {"r": 4}}, "evaluation.max_samples": 8})
+    assert (by_name.training.epochs, by_name.training.lora.r, by_name.evaluation.max_samples) == (2, 4, 8)
+    assert by_name.training.learning_rate == load_recipe(ROOT / "recipes" / "quickstart.yaml").training.learning_rate  # merged, not replaced
+    inline = resolve_recipe(by_name.model_dump(mode="json"), {"data.sources.0.path": "other.jsonl"})
+    assert inline.data.sources[0].path == "other.jsonl" and inline.training.lora.r == 4
+    assert resolve_recipe(by_name) is by_name
+    assert resolve_recipe(str(ROOT / "recipes" / "quickstart.yaml")).name == "quickstart"
+
+
+@pytest.mark.parametrize(("recipe", "overrides", "expected"), [
+    ("quickstart", {"training": {"lora": {"r": 0}}}, ["training.lora.r: Input should be greater than 0 (got 0)"]),
+    ("quickstart", {"trainig.epochs": 2}, ["trainig: unknown key; did you mean 'training'?"]),
+    ("quickstart", {"training.lora.target_modules.9": "x"}, ["training.lora.target_modules.9: list index '9' out of range (the list has 0 items)"]),  # quickstart leaves target_modules to the family
+    ("nope", None, ["nope: recipe file not found"]),
+    (42, None, ["recipe: expected a recipe name (dpo, quickstart), a file path or a mapping, got int"]),
+])
+def test_a_bad_flow_parameter_is_refused_with_the_recipes_own_lines(recipe, overrides, expected):
+    with pytest.raises(RecipeError) as caught:
+        resolve_recipe(recipe, overrides)
+    assert caught.value.lines == expected

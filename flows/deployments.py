@@ -1,0 +1,37 @@
+"""The deployments: what `ftpipe serve` serves from this machine and what prefect.yaml declares for work pools."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import Flow, serve
+from prefect.client.orchestration import get_client
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+
+from flows.finetune import GPU_LIMIT, finetune, prepare
+
+FLOWS: dict[str, Flow] = {"finetune": finetune, "prepare": prepare}
+DESCRIPTIONS = {
+    "finetune": "Recipe -> data -> LoRA/QLoRA -> evaluation gates -> vLLM-ready artifact -> registry; pauses for approval when the recipe asks.",
+    "prepare": "The data stage alone: validation, quarantine, cleaning, de-duplication, split and report.",
+}
+
+
+def deployments(output_dir: str | Path) -> list[RunnerDeployment]:
+    """One deployment per flow, parameters checked by the flow itself (so a bad recipe is refused with the recipe's
+    own error lines, not a JSON-schema message) and run folders under `output_dir` on this machine."""
+    return [flow.to_deployment(name=name, description=DESCRIPTIONS[name], tags=["ftpipe"],
+                               parameters={"output_dir": str(Path(output_dir).resolve())},
+                               enforce_parameter_schema=False, entrypoint_type=EntrypointType.MODULE_PATH)
+            for name, flow in FLOWS.items()]
+
+
+def set_gpu_limit(slots: int) -> None:
+    """The global concurrency limit every training task takes a slot of: at most `slots` train at once."""
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
+
+
+def serve_deployments(output_dir: str | Path, gpus: int, limit: int | None) -> None:
+    """Register the deployments with the Prefect API and run their flow runs here until interrupted."""
+    set_gpu_limit(gpus)
+    serve(*deployments(output_dir), limit=limit)

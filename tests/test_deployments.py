@@ -1,0 +1,124 @@
+"""The deployments against a real Prefect server the tests start on 127.0.0.1: `ftpipe serve`, a run triggered with
+curl (the README's call) and one with `run_deployment`, the "gpu" limit keeping their training apart, a re-run with
+a changed gate reusing every stage before the gate, a bad recipe refused with the recipe's own error lines,
+prefect.yaml deployed to a process work pool and run by a worker, and an authenticated server."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, background, deployment_id, prefect_server_process, stop, wait_for
+
+SHORT = {"training.max_steps": 3, "evaluation.max_samples": 8, "evaluation.generation.max_new_tokens": 8,
+         "evaluation.gates": [], "evaluation.safety.max_new_tokens": 4}
+pytestmark = pytest.mark.slow
+
+
+def task_runs(url: str, run_id: str) -> dict[str, dict]:
+    """The flow run's task runs by task name (prepare-data, train, ...)."""
+    runs = httpx.post(f"{url}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+    return {run["name"].rsplit("-", 1)[0]: run for run in runs}
+
+
+def artifact_path(url: str, run_id: str) -> Path:
+    """The README's way for REST users: the run's `artifact` markdown names the folder."""
+    found = httpx.post(f"{url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["artifact"]}}}).json()
+    return Path(re.search(r"- path: `([^`]+)`", found[0]["data"]).group(1))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A Prefect server and `ftpipe serve` (the finetune and prepare deployments, one training at a time)."""
+    out = tmp_path_factory.mktemp("served-runs")
+    with prefect_server_process(tmp_path_factory.mktemp("prefect-served")) as (url, env):
+        log = out / "serve.log"
+        serve = background([sys.executable, "-m", "flows.cli", "serve", "--output-dir", str(out), "--gpus", "1"], env, log)
+        try:
+            yield url, env, deployment_id(url, "finetune/finetune", serve, log), out
+        finally:
+            stop(serve)
+
+
+def test_curl_and_run_deployment_train_one_at_a_time_and_a_rerun_reuses_every_stage_before_the_gate(served, tmp_path):
+    url, env, deployment, out = served
+    first_parameters = {"recipe": "quickstart", "overrides": SHORT | {"training.seed": 1}}
+    curl = subprocess.run(["curl", "-sS", "-X", "POST", f"{url}/deployments/{deployment}/create_flow_run",
+                           "-H", "Content-Type: application/json", "-d", json.dumps({"parameters": first_parameters})],
+                          capture_output=True, text=True, check=True)
+    first = json.loads(curl.stdout)["id"]
+
+    script = tmp_path / "trigger.py"  # the README's Python equivalent
+    script.write_text(f"""from prefect.deployments import run_deployment
+
+flow_run = run_deployment("finetune/finetune", parameters={{"recipe": "quickstart", "overrides": {SHORT | {"training.seed": 2}!r}}}, timeout=1800)
+print(flow_run.state.name, flow_run.state.result())
+""")
+    second = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=1800)
+    assert second.returncode == 0, second.stderr[-3000:]
+    state, path = second.stdout.split()[-2:]
+    assert state == "Completed" and (Path(path) / "manifest.json").is_file() and Path(path).is_relative_to(out)
+
+    assert wait_for(url, first)["state"]["type"] == "COMPLETED"
+    assert (artifact_path(url, first) / "model" / "config.json").is_file()
+    slots = sorted((datetime.fromisoformat(held["held_from"]), datetime.fromisoformat(held["held_until"])) for held in (
+        json.loads((artifact / "manifest.json").read_text())["training"]["gpu_slot"] for artifact in (artifact_path(url, first), Path(path))))
+    assert slots[0][1] <= slots[1][0], f"the gpu limit let two trainings overlap: {slots}"
+
+    rerun_parameters = {"recipe": "quickstart", "overrides": first_parameters["overrides"] | {
+        "evaluation.gates": [{"metric": "exact_match", "min": 0.0}]}}
+    rerun = httpx.post(f"{url}/deployments/{deployment}/create_flow_run", json={"parameters": rerun_parameters}).json()["id"]
+    assert wait_for(url, rerun)["state"]["type"] == "COMPLETED"
+    states = {name: run["state"]["name"] for name, run in task_runs(url, rerun).items()}
+    assert {states[s] for s in ("prepare-data", "resolve-model", "filter-tokens", "train", "evaluate")} == {"Cached"}, states
+    assert states["gate"] == states["export"] == "Completed", states
+
+
+def test_a_bad_recipe_is_refused_with_the_recipes_own_error_lines(served):
+    url, _, deployment, _ = served
+    parameters = {"recipe": "quickstart", "overrides": {"training": {"lora": {"r": 0}}, "trainig.epochs": 2}}
+    run = httpx.post(f"{url}/deployments/{deployment}/create_flow_run", json={"parameters": parameters}).json()["id"]
+    flow_run = wait_for(url, run, timeout=300)
+    assert flow_run["state"]["type"] == "FAILED"
+    message = flow_run["state"]["message"]
+    assert "training.lora.r: Input should be greater than 0 (got 0)" in message, message
+    assert "trainig: unknown key; did you mean 'training'?" in message, message
+    assert task_runs(url, run) == {}  # refused before any stage
+
+
+def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_it(tmp_path):
+    with prefect_server_process(tmp_path / "prefect") as (url, env):
+        env = dict(env, PWD=str(ROOT))  # what `{{ $PWD }}` in prefect.yaml resolves to, as in a shell
+        prefect = [sys.executable, "-m", "prefect"]
+        subprocess.run([*prefect, "work-pool", "create", "ftpipe-local", "--type", "process"], env=env, cwd=ROOT, check=True, capture_output=True)
+        deploy = subprocess.run([*prefect, "--no-prompt", "deploy", "--name", "finetune-local", "--name", "prepare-local"],
+                                env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+        finetune = httpx.get(f"{url}/deployments/name/finetune/finetune-local").json()
+        assert finetune["entrypoint"] == "flows/finetune.py:finetune" and finetune["enforce_parameter_schema"] is False
+        assert set(finetune["parameter_openapi_schema"]["properties"]) == {"recipe", "overrides", "output_dir", "force"}
+        prepare = httpx.get(f"{url}/deployments/name/prepare/prepare-local").json()
+        run = httpx.post(f"{url}/deployments/{prepare['id']}/create_flow_run",
+                         json={"parameters": {"output_dir": str(tmp_path / "runs")}}).json()["id"]
+        worker = subprocess.run([*prefect, "worker", "start", "--pool", "ftpipe-local", "--run-once"], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=600)
+        flow_run = wait_for(url, run, timeout=120)
+        assert flow_run["state"]["type"] == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]
+        assert len(list((tmp_path / "runs").glob("quickstart-*/data/train.jsonl"))) == 1
+
+
+def test_a_server_with_an_auth_string_refuses_clients_without_it(tmp_path):
+    with prefect_server_process(tmp_path / "prefect", PREFECT_SERVER_API_AUTH_STRING="admin:s3cret") as (url, env):
+        assert httpx.post(f"{url}/deployments/filter", json={}).status_code == 401
+        assert httpx.post(f"{url}/deployments/filter", json={}, auth=("admin", "s3cret")).status_code == 200
+        ls = [sys.executable, "-m", "prefect", "deployment", "ls"]
+        refused = subprocess.run(ls, env=env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "401" in refused.stdout + refused.stderr
+        allowed = subprocess.run(ls, env=dict(env, PREFECT_API_AUTH_STRING="admin:s3cret"), capture_output=True, text=True, timeout=120)
+        assert allowed.returncode == 0, allowed.stdout + allowed.stderr
