@@ -58,6 +58,19 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def location_free(value: Any) -> Any:
+    """An upstream result as it counts for a key: what it holds, not where it was written or whether the stage reused
+    its files. Two runs that prepared the same data into their own folders (at the same time, say) then share the
+    stages after it, whichever of their results the cache kept."""
+    if isinstance(value, dict):
+        return {k: location_free(v) for k, v in value.items() if k != "reused"}
+    if isinstance(value, list):
+        return [location_free(v) for v in value]
+    if isinstance(value, str) and value.startswith("/") and "\n" not in value:
+        return Path(value).name
+    return value
+
+
 def missing_files(result: Any) -> list[str]:
     """Absolute paths a stage result names that no longer exist (a run folder was deleted)."""
     found: list[str] = []
@@ -98,7 +111,7 @@ def stage_key(name: str, sections: dict[str, set[str]], inputs: dict[str, Any]) 
         parts[f"recipe.{section}"] = owner.model_dump(mode="json", exclude=excluded or None)
     for input_name, value in inputs.items():
         if input_name != "recipe":
-            parts[input_name] = str(Path(value).parent) if input_name == "run_dir" else jsonable(value)
+            parts[input_name] = str(Path(value).parent) if input_name == "run_dir" else location_free(jsonable(value))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -1,4 +1,4 @@
-"""The `ftpipe` command line: validate, estimate, schema, prepare, run, approve, registry, check-artifact, smoke.
+"""The `ftpipe` command line: validate, estimate, schema, prepare, run, serve, approve, registry, check-artifact, smoke.
 
 Exit codes of `ftpipe run` (and `ftpipe prepare`): 0 success, 1 a gate or the reviewer rejected the model (or no decision came in
 time), 2 invalid recipe or input data,

@@ -86,3 +86,20 @@ def test_which_failures_are_retried(error, retried):
             return error
 
     assert transient_failure(None, None, Failed()) is retried
+
+
+def test_the_same_data_prepared_into_two_run_folders_keys_the_next_stage_the_same(prepared_small):
+    """Two runs that prepared the same data at once each wrote their own folder; whichever result the cache kept,
+    the stages after it must find the other's results."""
+    from dataclasses import replace
+
+    from flows.caching import stage_key
+    from recipes import resolve_recipe
+
+    recipe = resolve_recipe("quickstart")
+    moved = replace(prepared_small, train_path="/elsewhere/run-2/data/train.jsonl", eval_path="/elsewhere/run-2/data/eval.jsonl",
+                    quarantine_path="/elsewhere/run-2/data/quarantine.jsonl", report_path="/elsewhere/run-2/data/report.json",
+                    reused=not prepared_small.reused)
+    key = stage_key("filter-tokens", {"data": set()}, {"recipe": recipe, "data": prepared_small})
+    assert stage_key("filter-tokens", {"data": set()}, {"recipe": recipe, "data": moved}) == key
+    assert stage_key("filter-tokens", {"data": set()}, {"recipe": recipe, "data": replace(moved, train_rows=1)}) != key
