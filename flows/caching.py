@@ -91,27 +91,28 @@ def missing_files(result: Any) -> list[str]:
 
 @dataclass
 class StageCache(CachePolicy):
-    """Key = task name + code version + output folder + the recipe sections the stage reads (`"*"`: all of it), minus
-    the listed fields, + every other input but `ignore` (the previous stages' results). `run_dir` counts as the folder
-    above it, since a run folder is named after the whole recipe."""
+    """Key = task name + code version + the flow's output folder + the recipe sections the stage reads (`"*"`: all of
+    it), minus the listed fields, + every other input but `ignore` (the previous stages' results). `run_dir` does not
+    count: a run folder is named after the whole recipe, and a stage that reads less is shared between run folders."""
 
     sections: dict[str, set[str]] = field(default_factory=dict)
     ignore: set[str] = field(default_factory=set)
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
-        key = stage_key(task_ctx.task.name, self.sections, {k: v for k, v in inputs.items() if k not in self.ignore})
+        output_root = Path(flow_parameters.get("output_dir") or "runs").resolve()  # each output folder caches apart
+        key = stage_key(task_ctx.task.name, self.sections, {k: v for k, v in inputs.items() if k not in self.ignore}, output_root)
         return usable_key(task_ctx.result_store, key)
 
 
-def stage_key(name: str, sections: dict[str, set[str]], inputs: dict[str, Any]) -> str:
+def stage_key(name: str, sections: dict[str, set[str]], inputs: dict[str, Any], output_root: Path | None = None) -> str:
     recipe = inputs.get("recipe")
-    parts: dict[str, Any] = {"task": name, "code": code_version()}
+    parts: dict[str, Any] = {"task": name, "code": code_version(), "output_root": str(output_root)}
     for section, excluded in sections.items():
         owner = recipe if section == "*" else getattr(recipe, section)
         parts[f"recipe.{section}"] = owner.model_dump(mode="json", exclude=excluded or None)
     for input_name, value in inputs.items():
-        if input_name != "recipe":
-            parts[input_name] = str(Path(value).parent) if input_name == "run_dir" else location_free(jsonable(value))
+        if input_name not in ("recipe", "run_dir"):
+            parts[input_name] = location_free(jsonable(value))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -4,6 +4,7 @@ only the stages that read it, and an I/O failure is retried while a bad input is
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -43,6 +44,13 @@ def test_an_unchanged_recipe_reuses_its_stages_force_reruns_them_and_deleted_fil
     _, rebuilt = run_prepare(tmp_path)
     assert rebuilt["prepare-data"] == "Completed"  # the cached result named files that are gone
     assert (tmp_path / data_dir).exists()
+
+
+def test_another_output_folder_does_not_reuse_this_ones_stages(prefect_server, tmp_path):
+    run_prepare(tmp_path / "a")
+    state, elsewhere = run_prepare(tmp_path / "b")
+    assert [elsewhere[s] for s in ("prepare-data", "filter-tokens")] == ["Completed"] * 2
+    assert Path(state.result()).is_relative_to(tmp_path / "b")
 
 
 def test_a_change_reruns_only_the_stages_that_read_it(prefect_server, tmp_path):
