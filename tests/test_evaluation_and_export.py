@@ -68,12 +68,21 @@ def test_a_champion_gate_needs_the_registry():
 
 
 def test_the_champion_is_scored_on_the_same_rows_with_its_own_tokenizer(artifact, trained_lora, prepared_small, tmp_path):
-    """The exported artifact as the champion: the merged model answers as the adapter model does, so it ties."""
+    """A production artifact with the same merged weights but no adapter of this run (as an export with
+    `export.adapter: false` ships): the merged model answers as the adapter model does, so it ties. The artifact
+    exported from this very adapter is not compared with itself."""
     from evaluation.evaluate import Champion, evaluate
 
     section = EvaluationSection(max_samples=12)
-    result = evaluate(section, ModelSection(), trained_lora, prepared_small, tmp_path, Champion("test", "7", artifact.path))
-    assert result.champion_info == {"model": "test", "version": "7", "path": artifact.path, "evaluated": True}
+    itself = evaluate(section, ModelSection(), trained_lora, prepared_small, tmp_path / "itself", Champion("test", "6", artifact.path))
+    assert itself.champion is None and itself.champion_info is None
+    merged_only = tmp_path / "merged-only"
+    shutil.copytree(artifact.path, merged_only, ignore=shutil.ignore_patterns("adapter"))
+    manifest = json.loads((merged_only / "manifest.json").read_text())
+    manifest["files"] = {name: digest for name, digest in manifest["files"].items() if not name.startswith("adapter/")}
+    (merged_only / "manifest.json").write_text(json.dumps(manifest))
+    result = evaluate(section, ModelSection(), trained_lora, prepared_small, tmp_path, Champion("test", "7", str(merged_only)))
+    assert result.champion_info == {"model": "test", "version": "7", "path": str(merged_only), "evaluated": True}
     assert set(result.champion) == set(result.candidate)
     assert result.champion["exact_match"] == result.candidate["exact_match"]
     assert abs(result.delta_vs_champion["eval_loss"]) < 0.05  # bf16 weights against the float32 adapter model
