@@ -58,6 +58,10 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def _names_a_path(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("/") and "\n" not in value
+
+
 def location_free(value: Any) -> Any:
     """An upstream result as it counts for a key: what it holds, not where it was written or whether the stage reused
     its files. Two runs that prepared the same data into their own folders (at the same time, say) then share the
@@ -66,7 +70,7 @@ def location_free(value: Any) -> Any:
         return {k: location_free(v) for k, v in value.items() if k != "reused"}
     if isinstance(value, list):
         return [location_free(v) for v in value]
-    if isinstance(value, str) and value.startswith("/") and "\n" not in value:
+    if _names_a_path(value):
         return Path(value).name
     return value
 
@@ -82,7 +86,7 @@ def missing_files(result: Any) -> list[str]:
         elif isinstance(value, list):
             for v in value:
                 walk(v)
-        elif isinstance(value, str) and value.startswith("/") and "\n" not in value and not Path(value).exists():
+        elif _names_a_path(value) and not Path(value).exists():
             found.append(value)
 
     walk(jsonable(result))

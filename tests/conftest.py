@@ -23,6 +23,10 @@ PREFERENCE_HELDOUT = ROOT / "recipes" / "data" / "support_tickets_preferences_he
 # Tiny models and Prefect's database go to a per-session folder, never the user's home, and no test
 # may reach a hub. Set before any test imports transformers, and inherited by every child process.
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# A quickstart short enough for server and browser tests: few steps, few eval rows, no gates.
+SHORT_RUN = {"training.max_steps": 3, "evaluation.max_samples": 8, "evaluation.generation.max_new_tokens": 8,
+             "evaluation.gates": [], "evaluation.safety.max_new_tokens": 4}
+SHORT_RUN_ARGS = [arg for path, value in SHORT_RUN.items() for arg in ("--set", f"{path}={json.dumps(value)}")]
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="ftpipe-tests-"))
 os.environ.setdefault("FTPIPE_CACHE", str(_SESSION_DIR / "cache"))
 os.environ["HF_HUB_OFFLINE"] = "1"

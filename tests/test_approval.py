@@ -12,11 +12,9 @@ import httpx
 import pytest
 
 from serving.registry import Registry
-from tests.conftest import ROOT, prefect_server_process
+from tests.conftest import ROOT, SHORT_RUN_ARGS, prefect_server_process
 
 APPROVAL = ["--set", "approval.required=true", "--set", "approval.reviewers=[alice]"]
-SHORT = ["--set", "training.max_steps=3", "--set", "evaluation.max_samples=8", "--set", "evaluation.generation.max_new_tokens=8",
-         "--set", "evaluation.gates=[]", "--set", "evaluation.safety.max_new_tokens=4"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +25,7 @@ def prefect_api(tmp_path_factory):
 
 
 def start_run(env: dict, out: Path, *overrides: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "flows.cli", "run", "quickstart", *APPROVAL, *SHORT, *overrides, "--output-dir", str(out)]
+    command = [sys.executable, "-m", "flows.cli", "run", "quickstart", *APPROVAL, *SHORT_RUN_ARGS, *overrides, "--output-dir", str(out)]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -14,10 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, background, deployment_id, prefect_server_process, stop, wait_for
+from tests.conftest import ROOT, SHORT_RUN, background, deployment_id, prefect_server_process, stop, wait_for
 
-SHORT = {"training.max_steps": 3, "evaluation.max_samples": 8, "evaluation.generation.max_new_tokens": 8,
-         "evaluation.gates": [], "evaluation.safety.max_new_tokens": 4}
 pytestmark = pytest.mark.slow
 
 
@@ -48,7 +46,7 @@ def served(tmp_path_factory):
 
 def test_curl_and_run_deployment_train_one_at_a_time_and_a_rerun_reuses_every_stage_before_the_gate(served, tmp_path):
     url, env, deployment, out = served
-    first_parameters = {"recipe": "quickstart", "overrides": SHORT | {"training.seed": 1}}
+    first_parameters = {"recipe": "quickstart", "overrides": SHORT_RUN | {"training.seed": 1}}
     curl = subprocess.run(["curl", "-sS", "-X", "POST", f"{url}/deployments/{deployment}/create_flow_run",
                            "-H", "Content-Type: application/json", "-d", json.dumps({"parameters": first_parameters})],
                           capture_output=True, text=True, check=True)
@@ -57,7 +55,7 @@ def test_curl_and_run_deployment_train_one_at_a_time_and_a_rerun_reuses_every_st
     script = tmp_path / "trigger.py"  # the README's Python equivalent
     script.write_text(f"""from prefect.deployments import run_deployment
 
-flow_run = run_deployment("finetune/finetune", parameters={{"recipe": "quickstart", "overrides": {SHORT | {"training.seed": 2}!r}}}, timeout=1800)
+flow_run = run_deployment("finetune/finetune", parameters={{"recipe": "quickstart", "overrides": {SHORT_RUN | {"training.seed": 2}!r}}}, timeout=1800)
 print(flow_run.state.name, flow_run.state.result())
 """)
     second = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=1800)

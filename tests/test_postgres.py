@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port, prefect_server_process
+from tests.conftest import ROOT, SHORT_RUN_ARGS, free_port, prefect_server_process
 
-SHORT = ["--set", "training.max_steps=3", "--set", "evaluation.max_samples=8", "--set", "evaluation.generation.max_new_tokens=8",
-         "--set", "evaluation.gates=[]", "--set", "evaluation.safety.max_new_tokens=4"]
 
 
 def postgres_bin() -> Path | None:
@@ -60,7 +58,7 @@ def postgres():
 def test_the_flow_runs_against_a_prefect_server_backed_by_postgresql(postgres, tmp_path):
     database_url, query = postgres
     with prefect_server_process(tmp_path / "prefect", PREFECT_API_DATABASE_CONNECTION_URL=database_url) as (url, env):
-        run = subprocess.run([sys.executable, "-m", "flows.cli", "run", "quickstart", *SHORT, "--output-dir", str(tmp_path / "runs")],
+        run = subprocess.run([sys.executable, "-m", "flows.cli", "run", "quickstart", *SHORT_RUN_ARGS, "--output-dir", str(tmp_path / "runs")],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, run.stderr[-3000:]
     assert query("select state_type from flow_run where name is not null and flow_id in "

@@ -13,12 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, background, deployment_id, prefect_server_process, stop, wait_for
+from tests.conftest import ROOT, SHORT_RUN, background, deployment_id, prefect_server_process, stop, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "test-output" / "ui"
-SHORT = {"training.max_steps": 3, "evaluation.max_samples": 8, "evaluation.generation.max_new_tokens": 8,
-         "evaluation.gates": [], "evaluation.safety.max_new_tokens": 4}
 # As the machine's probe starts it: no sandbox as root, and no background connections (the network is closed).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -77,7 +75,7 @@ def test_a_short_recipe_submitted_from_the_form_completes(page):
     shot(page, "1-recipe-fields")
     page.get_by_role("button", name="RecipeName", exact=True).click()  # back to a recipe from recipes/ by name
     page.get_by_role("button", name="dict", exact=True).click()
-    page.locator("textarea.p-code-input__textarea").first.fill(json.dumps(SHORT))  # the overrides' JSON editor
+    page.locator("textarea.p-code-input__textarea").first.fill(json.dumps(SHORT_RUN))  # the overrides' JSON editor
     shot(page, "2-short-recipe")
     run_name = page.locator("xpath=//*[normalize-space(text())='Run Name']/following::input[1]").input_value()
     page.get_by_role("button", name="Submit").click()
@@ -90,12 +88,12 @@ def test_a_short_recipe_submitted_from_the_form_completes(page):
     shot(page, "3-completed")
     flow_run = httpx.get(f"{url}/flow_runs/{run_id}").json()
     assert flow_run["state"]["type"] == "COMPLETED"
-    assert flow_run["parameters"]["overrides"] == SHORT and flow_run["parameters"]["recipe"] == "quickstart"
+    assert flow_run["parameters"]["overrides"] == SHORT_RUN and flow_run["parameters"]["recipe"] == "quickstart"
 
 
 def test_a_reviewer_resumes_a_paused_run_with_the_approval_form(page):
     page, url, deployment = page
-    overrides = SHORT | {"training.seed": 5, "approval.required": True, "approval.reviewers": ["alice"]}
+    overrides = SHORT_RUN | {"training.seed": 5, "approval.required": True, "approval.reviewers": ["alice"]}
     run_id = httpx.post(f"{url}/deployments/{deployment}/create_flow_run",
                         json={"parameters": {"recipe": "quickstart", "overrides": overrides}}).json()["id"]
     ui = url.removesuffix("/api")
