@@ -1,14 +1,19 @@
 """Token-length filtering with the model's own tokenizer and chat template, and the length statistics.
 
-It runs after the model is known (a tiny model's tokenizer is trained on the prepared text), rewrites the
-split files in place (through temporary files) and updates the report. Over-long rows are dropped or kept
-for truncation, as the recipe says, and always counted and listed.
+It runs after the model is known (a tiny model's tokenizer is trained on the prepared text) and writes the
+filtered splits, their report, the over-long rows and the length histogram to a folder of their own beside the
+prepared data, one per tokenizer and limits: runs of other models that share the cached prepared data (a model
+comparison, concurrent runs) never read another model's filtering. Over-long rows are dropped or kept for
+truncation, as the recipe says, and always counted and listed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from data_prep.charts import draw_histogram
@@ -42,15 +47,17 @@ def token_lengths(tokenizer, rows: list[dict]) -> list[int]:
 def filter_token_lengths(data: PreparedData, section: DataSection, tokenizer, max_tokens: int, tokenizer_id: str) -> PreparedData:
     """Remove rows under min_tokens; drop (or keep for truncation) rows over max_tokens; record the lengths.
     Filtering the same data with the same tokenizer and limits again is a no-op."""
-    key = f"{data.cache_key}|{tokenizer_id}|{section.min_tokens}|{max_tokens}|{section.overlong}|2"
+    key = f"{data.cache_key}|{tokenizer_id}|{section.min_tokens}|{max_tokens}|{section.overlong}|3"
     if data.token_lengths.get("key") == key:
         return data
-    out_dir = Path(data.train_path).parent
+    out_dir = Path(data.train_path).parent / f"for-model-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    out_dir.mkdir(exist_ok=True)
     stats: dict = {"key": key, "min_tokens": section.min_tokens, "max_tokens": max_tokens, "overlong": section.overlong}
     too_long: list[dict] = []
     lengths: list[int] = []
     for split, path in (("train", Path(data.train_path)), ("eval", Path(data.eval_path))):
-        kept, short, long_, truncated = _filter_file(path, tokenizer, section, max_tokens, split, too_long, lengths if split == "train" else None)
+        kept, short, long_, truncated = _filter_file(path, out_dir / path.name, tokenizer, section, max_tokens, split, too_long,
+                                                     lengths if split == "train" else None)
         stats[split] = {"kept": kept, "removed_too_short": short, "removed_too_long": long_, "kept_over_max_for_truncation": truncated}
     atomic_write_text(out_dir / "too_long.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in too_long))
     stats["train_percentiles"] = percentiles(lengths)
@@ -58,20 +65,22 @@ def filter_token_lengths(data: PreparedData, section: DataSection, tokenizer, ma
     stats["histogram"] = str(out_dir / "token_lengths.png") if lengths else None
     if lengths:
         draw_histogram(lengths, max_tokens, out_dir / "token_lengths.png")
-    data.train_rows, data.eval_rows = stats["train"]["kept"], stats["eval"]["kept"]
-    data.token_lengths = stats
-    data.fingerprint = files_fingerprint(section, Path(data.train_path), Path(data.eval_path))
-    write_report(data)
+    train, held_out = out_dir / Path(data.train_path).name, out_dir / Path(data.eval_path).name
+    filtered = replace(data, train_path=str(train), eval_path=str(held_out), report_path=str(out_dir / "report.json"),
+                       train_rows=stats["train"]["kept"], eval_rows=stats["eval"]["kept"], token_lengths=stats,
+                       fingerprint=files_fingerprint(section, train, held_out))
+    write_report(filtered)
     log.info("data: token lengths p50/p90/p99/max %s; removed %s too short, %s too long",
              stats["train_percentiles"], stats["train"]["removed_too_short"] + stats["eval"]["removed_too_short"],
              stats["train"]["removed_too_long"] + stats["eval"]["removed_too_long"])
-    return data
+    return filtered
 
 
-def _filter_file(path: Path, tokenizer, section: DataSection, max_tokens: int, split: str, too_long: list, lengths: list | None):
+def _filter_file(path: Path, target: Path, tokenizer, section: DataSection, max_tokens: int, split: str, too_long: list,
+                 lengths: list | None):
     kept = short = long_ = truncated = 0
-    staged = path.with_name(f".{path.name}.filtering")
-    with path.open(encoding="utf-8") as src, staged.open("w", encoding="utf-8") as dst:
+    handle, staged = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".filtering")  # a name of its own per writer
+    with path.open(encoding="utf-8") as src, os.fdopen(handle, "w", encoding="utf-8") as dst:
         number = 0
         while batch := [line for _, line in zip(range(BATCH), src)]:
             rows = [json.loads(line) for line in batch]
@@ -90,7 +99,7 @@ def _filter_file(path: Path, tokenizer, section: DataSection, max_tokens: int, s
                 if lengths is not None:
                     lengths.append(n)
                 dst.write(line)
-    os.replace(staged, path)
+    os.replace(staged, target)
     return kept, short, long_, truncated
 
 

@@ -47,6 +47,7 @@ class EvalResult:
     champion_info: dict | None = None  # which version, or why none was evaluated
     outcomes_vs_champion: dict[str, dict[str, int]] = field(default_factory=dict)
     scores: dict[str, "ModelScores"] = field(default_factory=dict, repr=False)  # every answer, for a later champion comparison
+    generation: dict[str, dict] = field(default_factory=dict)  # model -> generated tokens, seconds, tokens/s, device
 
     @property
     def delta(self) -> dict[str, float]:
@@ -59,7 +60,8 @@ class EvalResult:
     def to_dict(self) -> dict:
         return {"report_path": self.report_path, "examples": self.examples, "base": self.base, "candidate": self.candidate,
                 "delta": self.delta, "outcomes": self.outcomes, "champion": self.champion, "champion_info": self.champion_info,
-                "delta_vs_champion": self.delta_vs_champion, "outcomes_vs_champion": self.outcomes_vs_champion}
+                "delta_vs_champion": self.delta_vs_champion, "outcomes_vs_champion": self.outcomes_vs_champion,
+                "generation": self.generation}
 
 
 @dataclass
@@ -79,6 +81,7 @@ class ModelScores:
     suites: list[SuiteScores]
     safety: dict[str, float]
     probes: list[dict]
+    generation: dict = field(default_factory=dict)  # tokens and seconds of the suites' generation
 
     def metrics(self, suites: list[tuple[EvalSuite, list[dict]]]) -> dict[str, float]:
         out = {suite.metric_key(k): v for (suite, _), scores in zip(suites, self.suites, strict=True) for k, v in scores.metrics.items()}
@@ -142,7 +145,12 @@ def _suites(section: EvaluationSection, data: PreparedData) -> list[tuple[EvalSu
 
 def score_model(model, tokenizer, section: EvaluationSection, suites: list[tuple[EvalSuite, list[dict]]]) -> ModelScores:
     safety, probes = _safety(model, tokenizer, section, suites)
-    return ModelScores([score_suite(model, tokenizer, suite, rows, section) for suite, rows in suites], safety, probes)
+    throughput: dict = {}
+    scored = [score_suite(model, tokenizer, suite, rows, section, throughput) for suite, rows in suites]
+    if throughput.get("seconds"):
+        throughput |= {"tokens_per_s": round(throughput["tokens"] / throughput["seconds"], 1), "device": str(model.device),
+                       "batch_size": section.generation.batch_size}
+    return ModelScores(scored, safety, probes, throughput)
 
 
 def _score_champion(champion: Champion, section: EvaluationSection, suites) -> tuple[dict, ModelScores | None]:
@@ -163,7 +171,8 @@ def _write_report(section: EvaluationSection, suites, scores: dict[str, ModelSco
     base, candidate, champion = scores["base"], scores["candidate"], scores.get("champion")
     result = EvalResult(report_path=str(path), examples={suite.name: len(rows) for suite, rows in suites},
                         base=base.metrics(suites), candidate=candidate.metrics(suites),
-                        champion=champion.metrics(suites) if champion else None, champion_info=champion_info, scores=scores)
+                        champion=champion.metrics(suites) if champion else None, champion_info=champion_info, scores=scores,
+                        generation={name: model.generation for name, model in scores.items()})
     report_suites = {}
     for i, (suite, rows) in enumerate(suites):
         examples = compare_examples(suite, rows, base.suites[i], candidate.suites[i], champion.suites[i] if champion else None)
@@ -235,7 +244,8 @@ def suite_rows(suite: EvalSuite, data: PreparedData, default_max: int | None) ->
     return rows
 
 
-def score_suite(model, tokenizer, suite: EvalSuite, rows: list[dict], section: EvaluationSection) -> SuiteScores:
+def score_suite(model, tokenizer, suite: EvalSuite, rows: list[dict], section: EvaluationSection,
+                throughput: dict | None = None) -> SuiteScores:
     """The suite's metrics for one model: generation metrics on its greedy answers, the others on the references."""
     batch_size = section.generation.batch_size
     conversations = [conversation_of(row) for row in rows]
@@ -243,7 +253,8 @@ def score_suite(model, tokenizer, suite: EvalSuite, rows: list[dict], section: E
     outputs: list[str] = []
     if any(m in GENERATION for m in suite.metrics):
         generation = section.generation
-        outputs = generate(model, tokenizer, conversations, generation.max_new_tokens, batch_size, generation.sampling(), generation.seed)
+        outputs = generate(model, tokenizer, conversations, generation.max_new_tokens, batch_size, generation.sampling(), generation.seed,
+                           throughput)
     options = MetricOptions(json_schema=suite.check_json_schema() if suite.json_schema is not None else None, regex=suite.regex)
     metrics, per_example = score_outputs(suite.metrics, outputs, references, options) if outputs else ({}, [{} for _ in rows])
     if {"eval_loss", "perplexity"} & set(suite.metrics):

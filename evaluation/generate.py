@@ -31,9 +31,12 @@ def stop_token_ids(tokenizer, model) -> list[int]:
 
 
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
-             sampling: dict | None = None, seed: int = 0) -> list[str]:
+             sampling: dict | None = None, seed: int = 0, throughput: dict | None = None) -> list[str]:
     """Answers to each conversation's final user turn (its last assistant turn is left out): greedy, or sampled
-    with `sampling` (generate() keyword arguments) from a fixed seed."""
+    with `sampling` (generate() keyword arguments) from a fixed seed. Generated tokens and seconds are added to
+    `throughput` when given (the serving-cost projection's measured rate)."""
+    import time
+
     import torch
 
     sampling = sampling or {"do_sample": False}
@@ -47,11 +50,15 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
         width = max(len(p) for p in batch)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch], device=model.device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
+        started = time.perf_counter()
         with torch.no_grad():
             generated = model.generate(
                 input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, **sampling,
                 eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
             )
+        if throughput is not None:
+            throughput["seconds"] = throughput.get("seconds", 0.0) + time.perf_counter() - started
+            throughput["tokens"] = throughput.get("tokens", 0) + int((generated[:, width:] != tokenizer.pad_token_id).sum())
         for row in generated[:, width:]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return outputs

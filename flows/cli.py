@@ -105,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--limit", type=int, help="flow runs at once from this process (default: no limit)")
     serve.set_defaults(handler=_serve)
 
+    compare = sub.add_parser("compare", help="train the recipe on several base models and print the leaderboard, best first")
+    _recipe_args(compare)
+    compare.add_argument("--base", dest="bases", action="append", default=[], metavar="MODEL",
+                         help="a base model to compare (repeat; default: the recipe's compare.bases); id@revision pins a revision")
+    compare.add_argument("--output-dir", default="runs", help="folder that holds run folders and the registry (default: ./runs)")
+    compare.add_argument("--force", action="store_true", help="run every stage again instead of reusing cached results")
+    compare.set_defaults(handler=_compare)
+
     prepare = sub.add_parser("prepare", help="run the data stage alone, into the folder `ftpipe run` would use")
     _recipe_args(prepare)
     prepare.add_argument("--output-dir", default="runs", help="folder that holds run folders (default: ./runs)")
@@ -245,26 +253,51 @@ def _run(args) -> int:
     _route_stage_logs()  # before Prefect is imported: it reads its logging settings then
     from flows.finetune import finetune
 
-    return _run_flow(finetune, args, "artifact")
+    return _run_flow(finetune, args, lambda path: _printed(f"artifact: {path}"))
 
 
 def _prepare(args) -> int:
     _route_stage_logs()
     from flows.finetune import prepare
 
-    return _run_flow(prepare, args, "data")
+    return _run_flow(prepare, args, lambda path: _printed(f"data: {path}"))
 
 
-def _run_flow(flow, args, label: str) -> int:
+def _compare(args) -> int:
+    _route_stage_logs()
+    from flows.compare import compare_models, require_bases
+
+    require_bases(_load(args), args.bases)  # before Prefect starts: nothing to compare is an input error
+    return _run_flow(compare_models, args, _print_leaderboard, bases=args.bases or None)
+
+
+def _print_leaderboard(result: dict) -> int:
+    from evaluation.leaderboard import leaderboard_lines
+
+    print("\n".join(leaderboard_lines(result["leaderboard"])))
+    if result["best"] is None:
+        print("best: none (no candidate passed the gates; see the eligible column)")
+        return EXIT_GATE
+    print(f"best: {result['best']}")
+    if result["artifact"]:
+        print(f"artifact: {result['artifact']}")
+    return EXIT_OK
+
+
+def _printed(line: str) -> int:
+    print(line)
+    return EXIT_OK
+
+
+def _run_flow(flow, args, on_result, **parameters) -> int:
     from training.launch import launch_problems
 
     recipe = _load(args)
     if problems := launch_problems(recipe.training.distributed):  # before any work, not after the data stage
         raise RecipeError(problems)
-    state = flow(recipe, output_dir=args.output_dir, force=args.force, return_state=True)
+    state = flow(recipe, output_dir=args.output_dir, force=args.force, return_state=True, **parameters)
     if state.is_completed():
-        print(f"{label}: {state.result()}")
-        return EXIT_OK
+        return on_result(state.result())
     if recipe.approval.required and "never resumed" in (state.message or ""):
         # the server fails a run whose approval pause expired, replacing the run's own PromotionRefused
         print(f"error: not promoted: no decision within {recipe.approval.timeout_hours:g} h ({state.message})", file=sys.stderr)

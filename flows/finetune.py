@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -16,6 +17,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
 from data_prep.prepare import PreparedData, prepare_data, source_fingerprint
+from evaluation.costs import UsageMeter, cost_report, gpus_in_use, metered, stage_usage
 from evaluation.evaluate import Champion, EvalResult, compare_with_champion, score_base_and_candidate
 from evaluation.gates import GateDecision, GateRejected, decide
 from recipes import Recipe, RecipeError, recipe_hash, recipe_names, resolve_recipe
@@ -23,7 +25,7 @@ from serving.export import ArtifactResult, export_artifact, record_in_manifest
 from serving.registry import PRODUCTION, Version, registry_for
 from flows.approval import PromotionRefused, not_required, refusal_message, wait_for_decision
 from flows.caching import RETRIES, StageCache
-from flows.publish import publish_artifact, publish_data, publish_evaluation, publish_training
+from flows.publish import publish_artifact, publish_cost, publish_data, publish_evaluation, publish_training
 from flows.reports import approval_request_markdown
 from training.models import BaseModelRef
 from training.tracking import log_evaluation
@@ -42,18 +44,21 @@ def run_folder(recipe: Recipe, output_dir: str | Path) -> Path:
 
 
 @task(name="prepare-data", cache_policy=StageCache(sections={"data": set()}), persist_result=True, **RETRIES)
+@metered("prepare-data", children=True)
 def prepare_data_task(recipe: Recipe, run_dir: Path, sources: str) -> PreparedData:
     """Read, validate, quarantine, clean, de-duplicate and split the data (`sources`: the files' fingerprint)."""
     return prepare_data(recipe.data, run_dir / "data")
 
 
 @task(name="resolve-model", cache_policy=StageCache(sections={"model": set()}), persist_result=True, **RETRIES)
+@metered("resolve-model")
 def resolve_model_task(recipe: Recipe, data: PreparedData) -> BaseModelRef:
     """Find the base model (or build the tiny one from the prepared text, keyed by the data's cache key)."""
     return resolve_base_for(recipe.model, data)
 
 
 @task(name="filter-tokens", cache_policy=StageCache(sections={"data": set(), "model": set(), "training": set()}), persist_result=True, **RETRIES)
+@metered("filter-tokens")
 def filter_tokens_task(recipe: Recipe, data: PreparedData, base: BaseModelRef) -> PreparedData:
     """Token-length filter with the model's tokenizer and chat template."""
     return filter_for_model(data, recipe.data, recipe.model, recipe.training, base)
@@ -67,10 +72,11 @@ def train_task(recipe: Recipe, data: PreparedData, base: BaseModelRef, run_dir: 
     def on_progress(step: int, total: int) -> None:
         update_progress_artifact(progress, progress=round(100 * step / max(total, 1), 1), description=f"step {step} of {total}")
 
-    with concurrency(GPU_LIMIT, occupy=1):
+    with concurrency(GPU_LIMIT, occupy=1), stage_usage("train", gpus_in_use(recipe.training.distributed.num_processes)) as usage:
         held_from = _utc_now()
         trained = train(recipe.training, recipe.model, recipe.tracking, data, run_dir / "training", base=base,
                         run_name=recipe.name, run_config=recipe.model_dump(mode="json"), on_progress=on_progress)
+        usage.cpu_s = trained.metrics["worker_cpu_s"]
     trained.metrics["gpu_slot"] = {"limit": GPU_LIMIT, "held_from": held_from, "held_until": _utc_now()}
     update_progress_artifact(progress, progress=100.0, description=f"done: {trained.metrics['steps']} steps")
     return trained
@@ -90,6 +96,7 @@ def resolve_champion_task(recipe: Recipe, output_dir: str) -> Champion | None:
 
 
 @task(name="evaluate", cache_policy=StageCache(sections={"evaluation": {"gates"}, "model": set()}), persist_result=True, **RETRIES)
+@metered("evaluate", gpus=1)
 def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_dir: Path) -> EvalResult:
     """Score the base model and the candidate on the same held-out rows and safety probes."""
     result = score_base_and_candidate(recipe.evaluation, recipe.model, trained, data, run_dir / "eval")
@@ -99,6 +106,7 @@ def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_
 
 
 @task(name="compare-champion", cache_policy=StageCache(sections={"evaluation": {"gates"}}), persist_result=True, **RETRIES)
+@metered("compare-champion", gpus=1)
 def compare_champion_task(recipe: Recipe, trained: TrainResult, evaluation: EvalResult, data: PreparedData, run_dir: Path,
                           champion: Champion | None) -> EvalResult:
     """Score the production model on the same rows (re-run only when another version is promoted)."""
@@ -123,6 +131,7 @@ def gate_task(recipe: Recipe, evaluation: EvalResult) -> GateDecision:
 
 
 @task(name="export", cache_policy=StageCache(sections={"*": set()}, ignore={"started_at"}), persist_result=True, **RETRIES)
+@metered("export", gpus=1)
 def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evaluation: EvalResult,
                 decision: GateDecision, run_dir: Path, started_at: str) -> ArtifactResult:
     """Merge, check and write the vLLM-ready artifact."""
@@ -138,6 +147,12 @@ def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evalua
         "max_seq_length": recipe.training.max_seq_length,
     }
     return export_artifact(recipe.export, recipe.model, trained, data.eval_path, lineage, run_dir)
+
+
+@task(name="record-cost", **RETRIES)
+def record_cost_task(artifact: ArtifactResult, costs: dict) -> ArtifactResult:
+    """The run's device-seconds and cost, and the serving projection, in the manifest and the model card."""
+    return ArtifactResult(path=artifact.path, manifest=record_in_manifest(artifact.path, "cost", costs))
 
 
 @task(name="register", **RETRIES)
@@ -173,6 +188,7 @@ def _flow_run_label() -> str:
 
 
 @task(name="benchmarks", cache_policy=StageCache(sections={"evaluation": set()}), persist_result=True, **RETRIES)
+@metered("benchmarks", gpus=1)
 def benchmarks_task(recipe: Recipe, trained: TrainResult, artifact: ArtifactResult, run_dir: Path) -> dict:
     """lm-evaluation-harness tasks on the base model and the merged artifact, recorded in the manifest."""
     from evaluation.benchmarks import run_lm_eval
@@ -207,20 +223,44 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _finetune(recipe: Recipe, output_dir: str) -> str:
-    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+@dataclass
+class Candidate:
+    """A base model trained and evaluated with the recipe: what the gates, a leaderboard and export read."""
+
+    recipe: Recipe
+    run_dir: Path
+    data: PreparedData
+    trained: TrainResult
+    evaluation: EvalResult
+
+
+def train_and_evaluate(recipe: Recipe, output_dir: str, champion: Champion | None) -> Candidate:
+    """Data -> training -> evaluation of base, candidate and champion, each stage cached and its usage metered."""
     run_dir = run_folder(recipe, output_dir)
     data, base = _prepared(recipe, run_dir)
     trained = train_task(recipe, data, base, run_dir)
     publish_training(recipe, trained)
     evaluation = evaluate_task(recipe, trained, data, run_dir)
-    evaluation = compare_champion_task(recipe, trained, evaluation, data, run_dir, resolve_champion_task(recipe, output_dir))
+    evaluation = compare_champion_task(recipe, trained, evaluation, data, run_dir, champion)
     publish_evaluation(recipe, evaluation)
-    decision = gate_task(recipe, evaluation)
-    artifact = export_task(recipe, trained, data, evaluation, decision, run_dir, started_at)
+    return Candidate(recipe, run_dir, data, trained, evaluation)
+
+
+def _finetune(recipe: Recipe, output_dir: str) -> str:
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    meter = UsageMeter()
+    with meter.active():
+        candidate = train_and_evaluate(recipe, output_dir, resolve_champion_task(recipe, output_dir))
+        trained, evaluation = candidate.trained, candidate.evaluation
+        decision = gate_task(recipe, evaluation)
+        artifact = export_task(recipe, trained, candidate.data, evaluation, decision, candidate.run_dir, started_at)
+        if recipe.evaluation.lm_eval.tasks:
+            benchmarks_task(recipe, trained, artifact, candidate.run_dir)
+    costs = cost_report(recipe.cost, meter.to_list(), candidate.run_dir, candidate.data.train_rows, evaluation.generation.get("candidate"))
+    publish_cost(recipe, costs)
+    if meter.ran("export"):  # a cached export keeps the cost of the run that made it
+        artifact = record_cost_task(artifact, costs)
     publish_artifact(recipe, artifact)
-    if recipe.evaluation.lm_eval.tasks:
-        benchmarks_task(recipe, trained, artifact, run_dir)
     version = register_task(recipe, artifact, output_dir) if recipe.registry.enabled else None
     if recipe.approval.required:
         approval = wait_for_decision(recipe.approval, approval_request_markdown(recipe, evaluation, decision, artifact.path, version))

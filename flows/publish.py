@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from data_prep.prepare import PreparedData
+from evaluation.costs import cost_markdown
 from evaluation.evaluate import EvalResult
 from flows.reports import EXAMPLES_SHOWN, data_report_markdown, evaluation_table, example_table, safety_table, training_summary_markdown
 from recipes import Recipe
@@ -57,3 +58,8 @@ def publish_artifact(recipe: Recipe, artifact: ArtifactResult) -> None:
 """,
         description="vLLM-ready artifact",
     )
+
+
+def publish_cost(recipe: Recipe, costs: dict) -> None:
+    create_markdown_artifact(key="cost", markdown=f"# Cost: {recipe.name}\n\nStages that came from the cache cost nothing this "
+                             f"run; the artifact's cost counts them as recorded when they ran.\n\n{cost_markdown(costs)}", description="Device-seconds, cost and serving projection")

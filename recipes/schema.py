@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "data"
 TINY_PREFIX = "tiny:"
@@ -552,6 +552,79 @@ class ApprovalSection(Section):
         return self
 
 
+class CompareSection(Section):
+    bases: list[str] = Field(
+        default_factory=list, description="Base models `ftpipe compare` and the compare_models flow train this recipe on (hub ids, "
+        "local folders or tiny:<family>); --base on the command line replaces the list."
+    )
+    objective: str = Field(
+        "exact_match", description="The metric that names the best candidate: its name (held-out suite) or <suite>.<metric>, "
+        "optimised in its better direction (higher accuracy, lower loss)."
+    )
+    require_gates: bool = Field(
+        True, description="Only candidates that pass every evaluation gate (safety included) can be best; the others are "
+        "listed with the gates they failed."
+    )
+    promote_best: bool = Field(
+        False, description="Hand the best candidate to the normal path: gates, export, registry, approval, promotion."
+    )
+    parallel: int = Field(
+        1, ge=1, le=64, description="Bases trained at once. Each training still waits for a slot of the `gpu` concurrency "
+        "limit, so on one GPU they train one after another while data and evaluation overlap."
+    )
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, value: str) -> str:
+        if value.rpartition(".")[2] not in METRIC_DIRECTIONS:
+            raise ValueError(f"unknown metric {value!r}; use one of: " + ", ".join(METRICS) + ", "
+                             + ", ".join(f"{SAFETY_SUITE}.{m}" for m in SAFETY_METRICS))
+        return value
+
+    @field_validator("bases")
+    @classmethod
+    def _distinct_bases(cls, value: list[str]) -> list[str]:
+        if repeated := sorted({b for b in value if value.count(b) > 1}):
+            raise ValueError(f"each base once: {', '.join(repeated)} repeated")
+        return value
+
+
+class ServingCostSection(Section):
+    requests_per_month: int = Field(0, ge=0, description="Requests the model would serve a month (0: no serving projection).")
+    prompt_tokens: int = Field(500, ge=0, description="Prompt tokens of a typical request.")
+    completion_tokens: int = Field(200, ge=0, description="Generated tokens of a typical request.")
+    gpu_type: str | None = Field(None, description="The serving GPU, a key of cost.prices (default: cost.gpu_type).")
+    tokens_per_s: float | None = Field(
+        None, gt=0, description="Generated tokens a second one serving GPU sustains (a stated figure for the target GPU, e.g. "
+        "from a vLLM benchmark). Default: the candidate's generation throughput measured during evaluation."
+    )
+    min_replicas: int = Field(1, ge=0, description="GPUs kept up all month whatever the load (0: pay only for busy hours).")
+    api_usd_per_million_input_tokens: float | None = Field(None, ge=0, description="The hosted API's price you compare with.")
+    api_usd_per_million_output_tokens: float | None = Field(None, ge=0, description="The hosted API's price for generated tokens.")
+
+
+class CostSection(Section):
+    prices: dict[str, float] = Field(
+        default_factory=dict, description="USD an hour per device type, e.g. {h100: 3.0, cpu: 0.04}: a GPU type costs per GPU "
+        "hour, `cpu` per CPU-core hour. Prices are your inputs; ftpipe ships none."
+    )
+    price_file: Path | None = Field(
+        None, description="A YAML or JSON file of the same mapping (a shared price list); prices in the recipe win."
+    )
+    gpu_type: str | None = Field(
+        None, description="The key of prices training GPUs cost by (default: found from the GPU's name, e.g. 'NVIDIA H100 80GB "
+        "HBM3' -> h100, when prices has that key)."
+    )
+    serving: ServingCostSection = Field(default_factory=ServingCostSection)
+
+    @field_validator("prices")
+    @classmethod
+    def _no_negative_prices(cls, value: dict[str, float]) -> dict[str, float]:
+        if negative := [k for k, v in value.items() if v < 0]:
+            raise ValueError(f"prices must be >= 0 (got {', '.join(f'{k}: {value[k]}' for k in negative)})")
+        return {k.lower(): v for k, v in value.items()}
+
+
 class Recipe(Section):
     name: str = Field(
         "quickstart", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Run and model name: lowercase letters, digits, . _ -"
@@ -564,6 +637,8 @@ class Recipe(Section):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     registry: RegistrySection = Field(default_factory=RegistrySection)
     approval: ApprovalSection = Field(default_factory=ApprovalSection)
+    compare: CompareSection = Field(default_factory=CompareSection)
+    cost: CostSection = Field(default_factory=CostSection)
 
     @model_validator(mode="after")
     def _data_and_gates_fit_the_method(self) -> "Recipe":

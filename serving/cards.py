@@ -5,6 +5,7 @@ import json
 
 import yaml
 
+from evaluation.costs import cost_markdown
 from evaluation.tables import champion_line, metrics_markdown
 
 
@@ -73,6 +74,9 @@ Merged vs adapter model: {json.dumps(equivalence) if equivalence else 'not expor
 
 ## Benchmarks (lm-evaluation-harness)
 {_benchmark_lines(manifest.get('benchmarks'))}
+
+## Cost
+{cost_markdown(manifest.get('cost'))}
 
 ## Approval
 {_approval_lines(manifest.get('approval'))}

@@ -34,7 +34,7 @@ def test_over_long_rows_are_dropped_and_listed(mixed_lengths, tokenizers):
     data = filter_token_lengths(prepare_data(section, tmp_path / "out"), section, tokenizer, limit, "llama")
     stats = data.token_lengths
     assert stats["train"]["removed_too_long"] + stats["eval"]["removed_too_long"] == 5
-    listed = read_jsonl(tmp_path / "out" / "too_long.jsonl")
+    listed = read_jsonl(Path(data.train_path).parent / "too_long.jsonl")
     assert len(listed) == 5 and listed[0]["reason"] == f"longer than max_tokens={limit}"
     assert all(token_length(tokenizer, r) <= limit for r in read_jsonl(data.train_path) + read_jsonl(data.eval_path))
     assert data.train_rows + data.eval_rows == 40
@@ -61,6 +61,21 @@ def test_filtering_again_with_the_same_settings_is_a_no_op(mixed_lengths, tokeni
     before = Path(data.train_path).stat().st_mtime_ns
     again = filter_token_lengths(data, section, tokenizers["llama"], 40, "llama")
     assert again.token_lengths == data.token_lengths and Path(data.train_path).stat().st_mtime_ns == before
+
+
+def test_each_model_filters_into_a_folder_of_its_own_and_the_prepared_data_stays_as_prepared(mixed_lengths, tokenizers):
+    """Runs of several models share one cached data stage (a model comparison): one model's filter must not change
+    what another reads."""
+    section, tmp_path = mixed_lengths
+    prepared = prepare_data(section, tmp_path / "out")
+    before = Path(prepared.train_path).read_bytes()
+    limit = token_length(tokenizers["llama"], rows_of_lengths([12])[0]) + 2
+    for_llama = filter_token_lengths(prepared, section, tokenizers["llama"], limit, "llama")
+    for_qwen = filter_token_lengths(prepared, section, tokenizers["qwen2"], 10_000, "qwen2")
+    assert Path(prepared.train_path).read_bytes() == before and prepared.token_lengths == {}
+    assert len({Path(d.train_path).parent for d in (prepared, for_llama, for_qwen)}) == 3
+    assert for_llama.train_rows < for_qwen.train_rows == prepared.train_rows  # llama's limit left rows out, qwen's none
+    assert json.loads(Path(for_qwen.report_path).read_text())["token_lengths"]["key"].endswith("|qwen2|1|10000|drop|3")
 
 
 def test_unchanged_sources_and_recipe_reuse_the_prepared_data(mixed_lengths):
@@ -130,7 +145,9 @@ def test_ftpipe_prepare_writes_the_run_folder_ftpipe_run_uses(tmp_path):
     from flows.finetune import run_folder
     from recipes import load_recipe
 
-    assert data_dir == run_folder(load_recipe(ROOT / "recipes" / "quickstart.yaml"), tmp_path) / "data"
+    # the model's filtered copy of the prepared data, beside it
+    assert data_dir.parent == run_folder(load_recipe(ROOT / "recipes" / "quickstart.yaml"), tmp_path) / "data"
+    assert data_dir.name.startswith("for-model-") and (data_dir.parent / "train.jsonl").is_file()
     report = json.loads((data_dir / "report.json").read_text())
     assert report["token_lengths"]["train_percentiles"]["p50"] > 0
     assert all(s["rows_in"] == s["kept"] + s["quarantined"] + sum(s["removed"].values()) for s in report["sources"])

@@ -78,6 +78,31 @@ print(flow_run.state.name, flow_run.state.result())
     assert states["gate"] == states["export"] == "Completed", states
 
 
+def test_compare_models_deployment_trains_its_bases_one_at_a_time_on_one_gpu_and_publishes_a_leaderboard(served, tmp_path):
+    url, env, _, out = served
+    script = tmp_path / "compare.py"
+    script.write_text(f"""import json
+from prefect.deployments import run_deployment
+
+parameters = {{"recipe": "quickstart", "bases": ["tiny:llama", "tiny:qwen2"], "overrides": {SHORT_RUN | {"compare.parallel": 2}!r}}}
+flow_run = run_deployment("compare-models/compare-models", parameters=parameters, timeout=1800)
+print(json.dumps({{"id": str(flow_run.id), "state": flow_run.state.name, "result": flow_run.state.result()}}))
+""")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    assert run["state"] == "Completed"
+    ranked = run["result"]["leaderboard"]
+    assert [r["rank"] for r in ranked] == [1, 2] and {r["base"] for r in ranked} == {"tiny:llama", "tiny:qwen2"}
+    assert all(Path(r["run_dir"]).is_relative_to(out) for r in ranked) and len({r["run_dir"] for r in ranked}) == 2
+    slots = sorted((datetime.fromisoformat(r["gpu_slot"]["held_from"]), datetime.fromisoformat(r["gpu_slot"]["held_until"])) for r in ranked)
+    assert slots[0][1] <= slots[1][0], f"two candidates trained at once on one GPU: {slots}"
+    found = httpx.post(f"{url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}, "key": {"any_": ["leaderboard"]}}}).json()
+    table = json.loads(found[0]["data"])
+    assert [row["base"] for row in table] == [r["base"] for r in ranked] and {"rank", "exact_match", "delta vs production", "gates",
+                                                                              "train s", "cost USD"} <= set(table[0])
+
+
 def test_a_bad_recipe_is_refused_with_the_recipes_own_error_lines(served):
     url, _, deployment, _ = served
     parameters = {"recipe": "quickstart", "overrides": {"training": {"lora": {"r": 0}}, "trainig.epochs": 2}}

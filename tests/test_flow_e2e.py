@@ -36,7 +36,9 @@ def test_quickstart_runs_end_to_end_and_passes_its_gates(tmp_path):
     assert check_merged_model(artifact / "model") == []
     assert (artifact / "adapter" / "adapter_config.json").is_file()
     run_dir = artifact.parent
-    assert {p.name for p in (run_dir / "data").iterdir()} >= {"train.jsonl", "eval.jsonl", "quarantine.jsonl", "report.json", "token_lengths.png", "too_long.jsonl"}
+    assert {p.name for p in (run_dir / "data").iterdir()} >= {"train.jsonl", "eval.jsonl", "quarantine.jsonl", "report.json"}
+    filtered = next((run_dir / "data").glob("for-model-*"))  # the filtered copy for this model's tokenizer
+    assert {p.name for p in filtered.iterdir()} >= {"train.jsonl", "eval.jsonl", "report.json", "token_lengths.png", "too_long.jsonl"}
     assert (run_dir / "eval" / "report.json").is_file()
     assert "Task run 'export" in result.stderr
     assert manifest["registry"] == {"uri": str(tmp_path / "registry"), "model": "quickstart", "version": "1"}

@@ -93,6 +93,8 @@ def run(spec: dict, backend: str, why: str) -> dict:
     tokens_seen = _summed_over_processes(trainer, stats.tokens)
     replicas = _replica_difference(trainer, training.distributed.strategy)
 
+    worker_cpu_s = _summed_over_processes(trainer, int(_cpu_seconds() * 1000)) / 1000
+
     adapter_dir = run_dir / "adapter"
     save_adapter(trainer, adapter_dir, training.distributed.strategy)
     if not main_process:
@@ -128,6 +130,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
         "tokens_seen": tokens_seen,
         "peak_memory_mb": _peak_memory_mb(),
         "tokens_per_s": round(tokens_seen / runtime, 1) if runtime else None,
+        "worker_cpu_s": worker_cpu_s,
         "distributed": {"num_processes": trainer.accelerator.num_processes, "strategy": training.distributed.strategy,
                         "model_wrapper": type(trainer.model_wrapped).__name__,
                         "replica_max_difference": replicas,
@@ -164,6 +167,14 @@ def _summed_over_processes(trainer, count: int) -> int:
     import torch
 
     return int(trainer.accelerator.reduce(torch.tensor(count, device=trainer.accelerator.device), reduction="sum").item())
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time so far (user + system, all its threads): the run's cost on a CPU machine."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _replica_difference(trainer, strategy: str) -> float | None:

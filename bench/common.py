@@ -1,0 +1,142 @@
+"""What the benchmarks share: the machine they ran on, the quickstart's prepared data and tiny base model, and
+running two contenders alternately so drift on a shared machine hits both alike."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def machine() -> str:
+    """One line for RESULTS.md: cores, memory, accelerator, the library versions that set the speed."""
+    import torch
+    import transformers
+    import trl
+
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{os.cpu_count()} cores, {memory_gb:.0f} GiB, {device}; torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, trl {trl.__version__}, Python {platform.python_version()}")
+
+
+def prepared_quickstart(folder: Path, overrides: dict | None = None):
+    """(recipe, prepared data, tiny base model) of the quickstart recipe, prepared into folder."""
+    from data_prep.prepare import prepare_data
+    from recipes.loader import resolve_recipe
+    from training.train import filter_for_model, resolve_base_for
+
+    recipe = resolve_recipe("quickstart", overrides)
+    data = prepare_data(recipe.data, folder / "data")
+    base = resolve_base_for(recipe.model, data)
+    return recipe, filter_for_model(data, recipe.data, recipe.model, recipe.training, base), base
+
+
+SHAPES = {
+    # the sizes of the real configs (hidden, MLP, layers, heads, KV heads, vocabulary), embeddings untied
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256),
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                  vocab_size=32000),
+}
+
+
+def random_model(tiny, shape: str, folder: Path):
+    """(BaseModelRef, parameter count) of a random model of a named shape with the tiny model's tokenizer (ids above
+    it are never used), built in a child process (this one stays small) and saved in bf16 as hub models are."""
+    from training.models import BaseModelRef
+
+    parameters = in_child(_build_random_model, tiny.path, SHAPES[shape], str(folder))["result"]
+    return BaseModelRef(model_id=f"bench:{shape}", revision=None, path=str(folder), model_type=tiny.model_type), parameters
+
+
+def _build_random_model(tiny_path: str, shape: dict, folder: str) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_path)
+    for key, value in {**shape, "initializer_range": 0.02}.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_path).save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def alternate(contenders: dict[str, Callable[[int], dict]], repeats: int) -> dict[str, list[dict]]:
+    """Run each contender `repeats` times, taking turns (A B A B ...), and collect what each run returned."""
+    results: dict[str, list[dict]] = {name: [] for name in contenders}
+    for round_number in range(repeats):
+        for name, run in contenders.items():
+            results[name].append(run(round_number))
+            print(f"  round {round_number + 1} {name}: {json.dumps(results[name][-1])}", flush=True)
+    return results
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def python_script(script: Path, *args: str, env: dict | None = None) -> dict:
+    """Run a Python script in a fresh interpreter and read the JSON object it prints last, with the process's
+    wall time seen from outside (interpreter start included) as process_s."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                            env=dict(os.environ, **(env or {})))
+    if result.returncode != 0:
+        sys.exit(f"{script.name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "process_s": round(time.perf_counter() - started, 3)}
+
+
+def verdict(ratio: float, target: float, at_least: bool) -> str:
+    met = ratio >= target if at_least else ratio <= target
+    return f"target {'>=' if at_least else '<='} {target}: {'met' if met else 'NOT met'}"
+
+
+def in_child(fn: Callable, *args) -> dict:
+    """Run fn(*args) in a fresh spawned process: its result, wall time and peak RSS (the process's own memory,
+    not this one's)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, fn, args))
+    process.start()
+    outcome = queue.get()
+    process.join()
+    if "error" in outcome:
+        sys.exit(f"{fn.__name__} failed in its process:\n{outcome['error']}")
+    return outcome
+
+
+def _child(queue, fn: Callable, args: tuple) -> None:
+    import traceback
+
+    started = time.perf_counter()
+    try:
+        result = fn(*args)
+    except BaseException:
+        queue.put({"error": traceback.format_exc()})
+        return
+    queue.put({"result": result, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM starts afresh at exec; getrusage's ru_maxrss would carry over the
+    parent's peak from before the spawn."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")

@@ -1,0 +1,107 @@
+"""compare_models: one recipe over several base models, ranked on the same rows, the best handed to finetune.
+
+Each base trains and evaluates in its own subflow and run folder; the data stage runs once (in this flow) and
+every subflow finds it in the cache. Training takes a slot of the "gpu" limit, so on one GPU the bases train one
+after another even when compare.parallel lets their subflows run at once.
+"""
+from __future__ import annotations
+
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from data_prep.prepare import source_fingerprint
+from evaluation.costs import UsageMeter, cost_report
+from evaluation.evaluate import Champion
+from evaluation.gates import decide
+from evaluation.leaderboard import best_of, entry, leaderboard_lines, metric_table, rank, summary_table
+from flows.finetune import (DEFAULT_RECIPE, RecipeName, _cache_refreshed, _validated, finetune, prepare_data_task,
+                            resolve_champion_task, run_folder, train_and_evaluate)
+from flows.publish import publish_cost
+from recipes import Recipe, RecipeError, resolve_recipe
+
+
+@flow(name="compare-models", persist_result=True, validate_parameters=False)
+def compare_models(recipe: RecipeName | Recipe = DEFAULT_RECIPE, bases: list[str] | None = None, overrides: dict[str, Any] | None = None,
+                   output_dir: str = "runs", force: bool = False) -> dict:
+    """Train the recipe on each base model, evaluate all on the same suites (safety included), rank them by the
+    recipe's compare.objective and, with compare.promote_best, run the best through gates, export and approval.
+
+    Args:
+        recipe: a recipe shipped in recipes/ by name, or a whole recipe object
+        bases: base models to compare (hub ids, local folders, tiny:<family>; id@revision pins a revision); default compare.bases
+        overrides: fields to change, as nested sections or dotted paths
+        output_dir: the folder that holds run folders and the registry
+        force: run every stage again instead of reusing cached results
+    """
+    recipe = _validated(recipe, overrides)
+    recipes = {base: recipe_for_base(recipe, base) for base in require_bases(recipe, bases)}
+    with _cache_refreshed(force):
+        _prepare_once(recipe, output_dir)
+        champion = resolve_champion_task(recipe, output_dir)
+        entries = _run_candidates(recipes, output_dir, champion, recipe.compare.parallel)
+        ranked = rank(entries, recipe.compare)
+        best = best_of(ranked)
+        _publish_leaderboard(recipe, ranked, best)
+        artifact = finetune(recipes[best["base"]], output_dir=output_dir) if best and recipe.compare.promote_best else None
+    return {"leaderboard": ranked, "best": best["base"] if best else None, "artifact": artifact}
+
+
+def require_bases(recipe: Recipe, bases: list[str] | None) -> list[str]:
+    """The bases to compare: those given, else the recipe's compare.bases; none, or one twice, is an input error."""
+    chosen = list(bases) if bases else recipe.compare.bases
+    if not chosen:
+        raise RecipeError(["compare.bases: name the base models to compare (or pass bases / --base)"])
+    if repeated := sorted({b for b in chosen if chosen.count(b) > 1}):
+        raise RecipeError([f"bases: each base once ({', '.join(repeated)} repeated)"])
+    return chosen
+
+
+def recipe_for_base(recipe: Recipe, base: str) -> Recipe:
+    """The recipe with model.base (and model.revision, from id@revision) replaced, validated like a file."""
+    model_id, _, revision = base.partition("@")
+    return resolve_recipe(recipe, {"model.base": model_id, "model.revision": revision or None})
+
+
+def _prepare_once(recipe: Recipe, output_dir: str) -> None:
+    """The shared data stage, before any subflow: each finds it in the cache instead of preparing it again."""
+    prepare_data_task(recipe, run_folder(recipe, output_dir), source_fingerprint(recipe.data))
+
+
+def _run_candidates(recipes: dict[str, Recipe], output_dir: str, champion: Champion | None, parallel: int) -> list[dict]:
+    if parallel == 1:
+        return [compare_candidate(r, base, output_dir, champion) for base, r in recipes.items()]
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="compare") as pool:
+        # each thread carries this flow's context, so the candidates are its subflows
+        futures = [pool.submit(contextvars.copy_context().run, compare_candidate, r, base, output_dir, champion)
+                   for base, r in recipes.items()]
+        return [future.result() for future in futures]
+
+
+@flow(name="compare-candidate", flow_run_name="{base}", persist_result=True, validate_parameters=False)
+def compare_candidate(recipe: Recipe, base: str, output_dir: str, champion: Champion | None) -> dict:
+    """One base model: train, evaluate, decide the gates (without stopping), meter its cost."""
+    meter = UsageMeter()
+    with meter.active():
+        candidate = train_and_evaluate(recipe, output_dir, champion)
+    evaluation = candidate.evaluation
+    decision = decide(recipe.evaluation.gates, evaluation.candidate, evaluation.base, evaluation.champion)
+    costs = cost_report(recipe.cost, meter.to_list(), candidate.run_dir, candidate.data.train_rows, evaluation.generation.get("candidate"))
+    publish_cost(recipe, costs)
+    return entry(base, str(candidate.run_dir), evaluation, decision, candidate.trained.metrics, costs)
+
+
+def _publish_leaderboard(recipe: Recipe, ranked: list[dict], best: dict | None) -> None:
+    section = recipe.compare
+    verdict = (f"best: {best['base']} ({section.objective} {best['objective_value']:.4g})" if best
+               else "no candidate can be best: " + "; ".join(f"{r['base']}: {r['why_not']}" for r in ranked))
+    create_table_artifact(key="leaderboard", table=summary_table(ranked),
+                          description=f"{recipe.name}: bases ranked by {section.objective}"
+                          f"{' among those passing the gates' if section.require_gates else ''}; {verdict}")
+    create_table_artifact(key="leaderboard-metrics", table=metric_table(ranked),
+                          description="Every metric of every candidate, before fine-tuning, and against the production model")
+    create_markdown_artifact(key="leaderboard-summary", description="Comparison verdict",
+                             markdown=f"# {recipe.name}: {verdict}\n\n```\n" + "\n".join(leaderboard_lines(ranked)) + "\n```\n")
