@@ -2,6 +2,7 @@
 running two contenders alternately so drift on a shared machine hits both alike."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -11,6 +12,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -76,10 +79,14 @@ def _build_random_model(tiny_path: str, shape: dict, folder: str) -> int:
 
 
 def alternate(contenders: dict[str, Callable[[int], dict]], repeats: int) -> dict[str, list[dict]]:
-    """Run each contender `repeats` times, taking turns (A B A B ...), and collect what each run returned."""
+    """Run each contender `repeats` times, taking turns, the order rotated each round (A B C, B C A, ...) so that
+    none always goes first, and collect what each run returned."""
     results: dict[str, list[dict]] = {name: [] for name in contenders}
+    names = list(contenders)
     for round_number in range(repeats):
-        for name, run in contenders.items():
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            run = contenders[name]
             results[name].append(run(round_number))
             print(f"  round {round_number + 1} {name}: {json.dumps(results[name][-1])}", flush=True)
     return results
@@ -87,6 +94,48 @@ def alternate(contenders: dict[str, Callable[[int], dict]], repeats: int) -> dic
 
 def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(run[key] for run in runs)
+
+
+@contextlib.contextmanager
+def prefect_server_process(home: Path, **env_vars: str):
+    """`prefect server start` on 127.0.0.1 with its own home (database, result storage); yields (api url, the env a
+    client needs), stopped afterwards."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false", **env_vars)
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_healthy(f"{url}/health", server, 120, f"prefect server (log: {home / 'server.log'})")
+        yield url, env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float, what: str) -> None:
+    """Poll a server's health URL until it answers 200; fail with its output if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert server.poll() is None, f"{what} exited: " + (server.stderr.read()[-3000:] if server.stderr else "")
+        assert time.monotonic() < deadline, f"{what} did not start within {timeout:g} s"
+        time.sleep(0.5)
 
 
 def python_script(script: Path, *args: str, env: dict | None = None) -> dict:

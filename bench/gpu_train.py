@@ -113,7 +113,7 @@ def main() -> None:
     print(table(runs))
     for shape in args.shapes.split(","):
         for adapter in args.adapters.split(","):
-            pair = {r["backend"]: r for r in runs if r["shape"] == shape and r["adapter"] == adapter}
+            pair = {r["backend"]: r for r in runs if r["shape"] == f"bench:{shape}" and r["adapter"] == adapter}
             if {"unsloth", "hf"} <= pair.keys():
                 print(f"{shape} {adapter}: unsloth / hf tokens/s = {pair['unsloth']['tokens_per_s'] / pair['hf']['tokens_per_s']:.2f} "
                       f"(target >= 1.5), peak memory = {pair['unsloth']['peak_memory_mb'] / pair['hf']['peak_memory_mb']:.2f} (target < 0.7)")

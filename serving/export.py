@@ -5,6 +5,7 @@ so a folder named `artifact` is always complete.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -103,6 +104,8 @@ def _write_merged(section: ExportSection, model_section: ModelSection, trained: 
     _ensure_index(model_dir)
     tokenizer.save_pretrained(model_dir)
     _ensure_chat_template_files(model_dir, tokenizer.chat_template)
+    del base, adapted, merged  # one float32 copy at a time: the reload below would otherwise double the peak memory
+    gc.collect()
 
     problems = check_merged_model(model_dir)
     sample = json.loads(Path(trained.tokenized_sample_path).read_text())

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny models built once per session (never downloaded), sample rows, run helpers."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from bench.common import free_port, prefect_server_process, wait_until_healthy  # noqa: F401  (shared with the benchmarks)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_TRAIN = ROOT / "recipes" / "data" / "support_tickets_train.jsonl"
@@ -120,26 +121,6 @@ def prefect_server():
         yield
 
 
-@contextlib.contextmanager
-def prefect_server_process(home: Path, **env_vars: str):
-    """`prefect server start` on 127.0.0.1 with its own home (database, result storage); yields (api url, the env a
-    client needs), stopped afterwards."""
-    home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false", **env_vars)
-    log = (home / "server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until_healthy(f"{url}/health", server, 120, f"prefect server (log: {home / 'server.log'})")
-        yield url, env
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
-
-
 def background(command: list[str], env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -172,28 +153,6 @@ def wait_for(url: str, run_id: str, timeout: float = 900) -> dict:
             return flow_run
         time.sleep(2)
     raise AssertionError(f"flow run {run_id} did not finish within {timeout:g} s")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float, what: str) -> None:
-    """Poll a server's health URL until it answers 200; fail with its output if it exits first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert server.poll() is None, f"{what} exited: " + (server.stderr.read()[-3000:] if server.stderr else "")
-        assert time.monotonic() < deadline, f"{what} did not start within {timeout:g} s"
-        time.sleep(0.5)
 
 
 def run_ftpipe(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

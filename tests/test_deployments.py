@@ -99,6 +99,8 @@ print(json.dumps({{"id": str(flow_run.id), "state": flow_run.state.name, "result
     assert slots[0][1] <= slots[1][0], f"two candidates trained at once on one GPU: {slots}"
     found = httpx.post(f"{url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}, "key": {"any_": ["leaderboard"]}}}).json()
     table = json.loads(found[0]["data"])
+    costs = httpx.post(f"{url}/artifacts/filter", json={"artifacts": {"key": {"any_": ["cost"]}}}).json()
+    assert any("CPU-seconds" in c["data"] and "not priced: CPU-core hours (cost.prices.cpu)" in c["data"] for c in costs)
     assert [row["base"] for row in table] == [r["base"] for r in ranked] and {"rank", "exact_match", "delta vs production", "gates",
                                                                               "train s", "cost USD"} <= set(table[0])
 
