@@ -39,11 +39,14 @@ def test_an_unchanged_recipe_reuses_its_stages_force_reruns_them_and_deleted_fil
     assert [forced[s] for s in DATA_STAGES] == ["Completed"] * 3
 
     state, _ = run_prepare(tmp_path)
-    data_dir = state.result()
-    shutil.rmtree(data_dir)
+    filtered = Path(state.result())  # the model's filtered copy, inside the prepared data's folder
+    shutil.rmtree(filtered)
+    _, refiltered = run_prepare(tmp_path)
+    assert [refiltered[s] for s in DATA_STAGES] == ["Cached", "Cached", "Completed"] and filtered.exists()
+    shutil.rmtree(filtered.parent)
     _, rebuilt = run_prepare(tmp_path)
     assert rebuilt["prepare-data"] == "Completed"  # the cached result named files that are gone
-    assert (tmp_path / data_dir).exists()
+    assert filtered.parent.exists()
 
 
 def test_another_output_folder_does_not_reuse_this_ones_stages(prefect_server, tmp_path):

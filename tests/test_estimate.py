@@ -69,7 +69,7 @@ def test_estimate_prints_counts_from_the_prepared_data(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "parameters: 557,696 total, 65,536 trainable" in out and "at 50,000 tokens/s (given)" in out and "$2.00/h" in out
-    report = json.loads(next(tmp_path.glob("quickstart-*/data/report.json")).read_text())
+    report = json.loads(next(tmp_path.glob("quickstart-*/data/for-model-*/report.json")).read_text())  # the filtered copy training reads
     assert f"tokens: {report['token_lengths']['train_tokens']:,} a pass over the training rows" in out
 
 

@@ -5,6 +5,7 @@ Training runs in its own process because unsloth patches transformers and trl gl
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -87,6 +88,9 @@ def run(spec: dict, backend: str, why: str) -> dict:
     checkpoint, resumed_step = resume.get("checkpoint"), resume.get("step", 0)
     if checkpoint:
         log.info("resumed from checkpoint at step %d (%s)", resumed_step, checkpoint)
+    del rows
+    gc.collect()
+    gc.freeze()  # what setup left behind is never scanned again by the collector during the training steps
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=checkpoint)
     runtime = time.perf_counter() - started
