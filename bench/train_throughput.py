@@ -36,9 +36,8 @@ def ftpipe_run(recipe, data, base, folder: Path):
     return run
 
 
-def plain_settings(recipe, data, base, folder: Path):
-    """A function writing the plain script's settings for its next run (a fresh output folder each time), and the
-    examples it trains on: ftpipe's tokenization of the same rows."""
+def plain_run(recipe, data, base, folder: Path):
+    """One run of the plain script (a fresh output folder per round), on ftpipe's tokenization of the same rows."""
     from data_prep.prepare import read_jsonl
     from training.backends import adapter_targets
     from training.models import load_tokenizer
@@ -57,13 +56,12 @@ def plain_settings(recipe, data, base, folder: Path):
                 "max_steps": training.max_steps, "batch_size": training.batch_size, "learning_rate": training.learning_rate,
                 "max_seq_length": training.max_seq_length, "seed": training.seed, "logging_steps": training.logging_steps,
                 "save_steps": training.save_steps, "packing": training.packing}
-    path = folder / "plain.json"
-    rounds = iter(range(1000))
 
-    def settings_for_round() -> Path:
-        path.write_text(json.dumps({**settings, "output_dir": str(folder / f"plain{next(rounds)}")}))
-        return path
-    return settings_for_round
+    def run(round_number: int) -> dict:
+        path = folder / f"plain{round_number}.json"
+        path.write_text(json.dumps({**settings, "output_dir": str(folder / f"plain{round_number}")}))
+        return python_script(ROOT / "bench" / "plain_trl.py", str(path))
+    return run
 
 
 def main() -> None:
@@ -82,8 +80,7 @@ def main() -> None:
         for backend in args.backends.split(","):
             variant = recipe.model_copy(update={"training": recipe.training.model_copy(update={"backend": backend})})
             contenders[f"ftpipe ({backend})"] = ftpipe_run(variant, data, base, folder / f"ftpipe-{backend}")
-        settings_for_round = plain_settings(recipe, data, base, folder)
-        contenders["plain trl+peft"] = lambda _: python_script(ROOT / "bench" / "plain_trl.py", str(settings_for_round()))
+        contenders["plain trl+peft"] = plain_run(recipe, data, base, folder)
         runs = alternate(contenders, args.rounds)
     plain = median_of(runs["plain trl+peft"], "tokens_per_s")
     print(f"\n{'contender':<22} {'tokens/s':>10} {'train s':>8} {'stage/process s':>16} {'loss':>8}")

@@ -50,13 +50,14 @@ class UsageMeter:
         the child processes' when `children` (only stages that start and reap their own, run one at a time: with
         compare.parallel another thread's children would be counted too); a stage adds what it measured elsewhere
         (the training worker's own CPU time) to the yielded record's cpu_s."""
-        wall, thread_cpu, child_cpu = time.perf_counter(), time.thread_time(), _children_cpu_s()
+        wall, thread_cpu, child_cpu = time.perf_counter(), time.thread_time(), cpu_seconds(resource.RUSAGE_CHILDREN)
         record = StageUsage(name, 0.0, 0.0, 0.0)
         try:
             yield record
         finally:
             elapsed = time.perf_counter() - wall
-            cpu = time.thread_time() - thread_cpu + (_children_cpu_s() - child_cpu if children else 0.0) + record.cpu_s
+            children_cpu = cpu_seconds(resource.RUSAGE_CHILDREN) - child_cpu if children else 0.0
+            cpu = time.thread_time() - thread_cpu + children_cpu + record.cpu_s
             record.wall_s, record.cpu_s, record.gpu_s = round(elapsed, 3), round(cpu, 3), round(elapsed * gpus, 3)
             with self._lock:
                 self.stages.append(record)
@@ -103,8 +104,9 @@ def metered(name: str, gpus: int = 0, children: bool = False) -> Callable:
     return wrap
 
 
-def _children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    """User + system CPU time so far of this process (all its threads), or of its reaped children."""
+    usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
 
 

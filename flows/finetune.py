@@ -227,7 +227,6 @@ def _utc_now() -> str:
 class Candidate:
     """A base model trained and evaluated with the recipe: what the gates, a leaderboard and export read."""
 
-    recipe: Recipe
     run_dir: Path
     data: PreparedData
     trained: TrainResult
@@ -243,7 +242,7 @@ def train_and_evaluate(recipe: Recipe, output_dir: str, champion: Champion | Non
     evaluation = evaluate_task(recipe, trained, data, run_dir)
     evaluation = compare_champion_task(recipe, trained, evaluation, data, run_dir, champion)
     publish_evaluation(recipe, evaluation)
-    return Candidate(recipe, run_dir, data, trained, evaluation)
+    return Candidate(run_dir, data, trained, evaluation)
 
 
 def _finetune(recipe: Recipe, output_dir: str) -> str:

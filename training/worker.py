@@ -56,6 +56,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
     from recipes.schema import ModelSection, TrackingSection, TrainingSection
     from training.backends import load_hf, load_unsloth
     from data_prep.charts import draw_curve
+    from evaluation.costs import cpu_seconds
     from training.tracking import finish_run, start_run
     from training.models import BaseModelRef, load_tokenizer
     from training.sft import build_trainer, check_collated_batch, check_packing_isolated, tokenize_rows
@@ -97,7 +98,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
     tokens_seen = _summed_over_processes(trainer, stats.tokens)
     replicas = _replica_difference(trainer, training.distributed.strategy)
 
-    worker_cpu_s = _summed_over_processes(trainer, int(_cpu_seconds() * 1000)) / 1000
+    worker_cpu_s = _summed_over_processes(trainer, int(cpu_seconds() * 1000)) / 1000  # the run's cost on a CPU machine
 
     adapter_dir = run_dir / "adapter"
     save_adapter(trainer, adapter_dir, training.distributed.strategy)
@@ -171,14 +172,6 @@ def _summed_over_processes(trainer, count: int) -> int:
     import torch
 
     return int(trainer.accelerator.reduce(torch.tensor(count, device=trainer.accelerator.device), reduction="sum").item())
-
-
-def _cpu_seconds() -> float:
-    """This process's CPU time so far (user + system, all its threads): the run's cost on a CPU machine."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _replica_difference(trainer, strategy: str) -> float | None:
