@@ -116,6 +116,48 @@ def prefect_server_process(home: Path, **env_vars: str):
         log.close()
 
 
+def postgres_bin() -> Path | None:
+    """Where initdb lives (Debian links initdb into /usr/local/bin, not createdb), or None when not installed."""
+    import glob
+    import shutil
+
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)), None)
+    return Path(found).resolve().parent if found else None
+
+
+@contextlib.contextmanager
+def postgres_cluster(bin_dir: Path):
+    """A throwaway PostgreSQL on 127.0.0.1 (as the `postgres` user when run as root: initdb refuses root); yields
+    (the asyncpg URL Prefect takes, a function running one SQL query), stopped and removed afterwards."""
+    import pwd
+    import shutil
+    import tempfile
+
+    user = "postgres" if os.geteuid() == 0 else None
+    home = Path(tempfile.mkdtemp(prefix="ftpipe-pg-"))  # not under pytest's folder, which only root may enter
+    home.chmod(0o755)
+    data = home / "data"
+    data.mkdir()
+    if user:
+        os.chown(data, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
+    port = free_port()
+
+    def pg(*command: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(bin_dir / command[0]), *command[1:]], user=user, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+    pg("initdb", "-D", str(data), "-A", "trust", "-U", "prefect")
+    pg("pg_ctl", "-D", str(data), "-l", str(data / "server.log"), "-w", "start", "-o", f"-p {port} -h 127.0.0.1 -k {data}")
+    try:
+        pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "prefect")
+        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect", lambda sql: pg(
+            "psql", "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "-d", "prefect", "-tAc", sql).stdout.strip()
+    finally:
+        pg("pg_ctl", "-D", str(data), "-m", "fast", "stop")
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def free_port() -> int:
     import socket
 

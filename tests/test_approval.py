@@ -8,11 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from serving.registry import Registry
-from tests.conftest import ROOT, SHORT_RUN_ARGS, prefect_server_process
+from tests.conftest import ROOT, SHORT_RUN_ARGS, api, api_response, prefect_server_process
 
 APPROVAL = ["--set", "approval.required=true", "--set", "approval.reviewers=[alice]"]
 
@@ -34,7 +33,7 @@ def paused_run_id(url: str, out: Path, run: subprocess.Popen, timeout: float = 4
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert run.poll() is None, run.communicate()[1][-3000:]
-        found = httpx.post(f"{url}/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}}).json()
+        found = api("POST", f"{url}/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}})
         for flow_run in found:
             if flow_run["parameters"].get("output_dir") == str(out):
                 return flow_run["id"]
@@ -52,7 +51,7 @@ def manifest_of(out: Path) -> dict:
 
 
 def state_name(url: str, run_id: str) -> str:
-    return httpx.get(f"{url}/flow_runs/{run_id}").json()["state"]["name"]
+    return api("GET", f"{url}/flow_runs/{run_id}")["state"]["name"]
 
 
 @pytest.mark.slow
@@ -66,10 +65,10 @@ def test_an_unlisted_reviewer_is_refused_then_a_listed_one_approves_and_the_mode
     assert refused.returncode == 2 and "'mallory' is not a reviewer of this run; its recipe lists: alice" in refused.stderr
     # the same answer through the REST API (as the UI form would send it): the run refuses it and pauses again
     time.sleep(2)
-    response = httpx.post(f"{url}/flow_runs/{run_id}/resume", json={"run_input": {"decision": "approve", "reviewer": "mallory"}})
+    response = api_response("POST", f"{url}/flow_runs/{run_id}/resume", json={"run_input": {"decision": "approve", "reviewer": "mallory"}})
     assert response.is_success and response.json()["status"] == "ACCEPT", response.text
     deadline = time.monotonic() + 60
-    while not (state_name(url, run_id) == "Paused" and httpx.get(f"{url}/flow_runs/{run_id}").json()["state"]["state_details"]["pause_key"] != "1"):
+    while not (state_name(url, run_id) == "Paused" and api("GET", f"{url}/flow_runs/{run_id}")["state"]["state_details"]["pause_key"] != "1"):
         assert time.monotonic() < deadline and run.poll() is None, "the run did not pause again after the refusal"
         time.sleep(0.5)
 

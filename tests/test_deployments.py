@@ -11,23 +11,23 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import ROOT, SHORT_RUN, background, deployment_id, prefect_server_process, stop, wait_for
+from tests.conftest import (ROOT, SHORT_RUN, api, api_response, background, create_run, deployment_id, prefect_server_process,
+                            stop, wait_for)
 
 pytestmark = pytest.mark.slow
 
 
 def task_runs(url: str, run_id: str) -> dict[str, dict]:
     """The flow run's task runs by task name (prepare-data, train, ...)."""
-    runs = httpx.post(f"{url}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+    runs = api("POST", f"{url}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}})
     return {run["name"].rsplit("-", 1)[0]: run for run in runs}
 
 
 def artifact_path(url: str, run_id: str) -> Path:
     """The README's way for REST users: the run's `artifact` markdown names the folder."""
-    found = httpx.post(f"{url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["artifact"]}}}).json()
+    found = api("POST", f"{url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["artifact"]}}})
     return Path(re.search(r"- path: `([^`]+)`", found[0]["data"]).group(1))
 
 
@@ -47,10 +47,14 @@ def served(tmp_path_factory):
 def test_curl_and_run_deployment_train_one_at_a_time_and_a_rerun_reuses_every_stage_before_the_gate(served, tmp_path):
     url, env, deployment, out = served
     first_parameters = {"recipe": "quickstart", "overrides": SHORT_RUN | {"training.seed": 1}}
-    curl = subprocess.run(["curl", "-sS", "-X", "POST", f"{url}/deployments/{deployment}/create_flow_run",
-                           "-H", "Content-Type: application/json", "-d", json.dumps({"parameters": first_parameters})],
-                          capture_output=True, text=True, check=True)
-    first = json.loads(curl.stdout)["id"]
+    body = json.dumps({"parameters": first_parameters, "idempotency_key": f"test-{tmp_path.name}"})
+    curl = ["curl", "-sS", "--retry", "5", "-X", "POST", f"{url}/deployments/{deployment}/create_flow_run",  # the README's call
+            "-H", "Content-Type: application/json", "-d", body]
+    first = json.loads(subprocess.run(curl, capture_output=True, text=True, check=True).stdout)
+    assert "id" in first, first
+    again = json.loads(subprocess.run(curl, capture_output=True, text=True, check=True).stdout)
+    assert again["id"] == first["id"], "a repeated POST with the same idempotency key made a second run"
+    first = first["id"]
 
     script = tmp_path / "trigger.py"  # the README's Python equivalent
     script.write_text(f"""from prefect.deployments import run_deployment
@@ -71,7 +75,7 @@ print(flow_run.state.name, flow_run.state.result())
 
     rerun_parameters = {"recipe": "quickstart", "overrides": first_parameters["overrides"] | {
         "evaluation.gates": [{"metric": "exact_match", "min": 0.0}]}}
-    rerun = httpx.post(f"{url}/deployments/{deployment}/create_flow_run", json={"parameters": rerun_parameters}).json()["id"]
+    rerun = create_run(url, deployment, rerun_parameters)
     assert wait_for(url, rerun)["state"]["type"] == "COMPLETED"
     states = {name: run["state"]["name"] for name, run in task_runs(url, rerun).items()}
     assert {states[s] for s in ("prepare-data", "resolve-model", "filter-tokens", "train", "evaluate")} == {"Cached"}, states
@@ -97,9 +101,9 @@ print(json.dumps({{"id": str(flow_run.id), "state": flow_run.state.name, "result
     assert all(Path(r["run_dir"]).is_relative_to(out) for r in ranked) and len({r["run_dir"] for r in ranked}) == 2
     slots = sorted((datetime.fromisoformat(r["gpu_slot"]["held_from"]), datetime.fromisoformat(r["gpu_slot"]["held_until"])) for r in ranked)
     assert slots[0][1] <= slots[1][0], f"two candidates trained at once on one GPU: {slots}"
-    found = httpx.post(f"{url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}, "key": {"any_": ["leaderboard"]}}}).json()
+    found = api("POST", f"{url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}, "key": {"any_": ["leaderboard"]}}})
     table = json.loads(found[0]["data"])
-    costs = httpx.post(f"{url}/artifacts/filter", json={"artifacts": {"key": {"any_": ["cost"]}}}).json()
+    costs = api("POST", f"{url}/artifacts/filter", json={"artifacts": {"key": {"any_": ["cost"]}}})
     assert any("CPU-seconds" in c["data"] and "not priced: CPU-core hours (cost.prices.cpu)" in c["data"] for c in costs)
     assert [row["base"] for row in table] == [r["base"] for r in ranked] and {"rank", "exact_match", "delta vs production", "gates",
                                                                               "train s", "cost USD"} <= set(table[0])
@@ -108,7 +112,7 @@ print(json.dumps({{"id": str(flow_run.id), "state": flow_run.state.name, "result
 def test_a_bad_recipe_is_refused_with_the_recipes_own_error_lines(served):
     url, _, deployment, _ = served
     parameters = {"recipe": "quickstart", "overrides": {"training": {"lora": {"r": 0}}, "trainig.epochs": 2}}
-    run = httpx.post(f"{url}/deployments/{deployment}/create_flow_run", json={"parameters": parameters}).json()["id"]
+    run = create_run(url, deployment, parameters)
     flow_run = wait_for(url, run, timeout=300)
     assert flow_run["state"]["type"] == "FAILED"
     message = flow_run["state"]["message"]
@@ -125,12 +129,11 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_it(tmp_path):
         deploy = subprocess.run([*prefect, "--no-prompt", "deploy", "--name", "finetune-local", "--name", "prepare-local"],
                                 env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
-        finetune = httpx.get(f"{url}/deployments/name/finetune/finetune-local").json()
+        finetune = api("GET", f"{url}/deployments/name/finetune/finetune-local")
         assert finetune["entrypoint"] == "flows/finetune.py:finetune" and finetune["enforce_parameter_schema"] is False
         assert set(finetune["parameter_openapi_schema"]["properties"]) == {"recipe", "overrides", "output_dir", "force"}
-        prepare = httpx.get(f"{url}/deployments/name/prepare/prepare-local").json()
-        run = httpx.post(f"{url}/deployments/{prepare['id']}/create_flow_run",
-                         json={"parameters": {"output_dir": str(tmp_path / "runs")}}).json()["id"]
+        prepare = api("GET", f"{url}/deployments/name/prepare/prepare-local")
+        run = create_run(url, prepare["id"], {"output_dir": str(tmp_path / "runs")})
         worker = subprocess.run([*prefect, "worker", "start", "--pool", "ftpipe-local", "--run-once"], env=env, cwd=tmp_path,
                                 capture_output=True, text=True, timeout=600)
         flow_run = wait_for(url, run, timeout=120)
@@ -140,8 +143,8 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_it(tmp_path):
 
 def test_a_server_with_an_auth_string_refuses_clients_without_it(tmp_path):
     with prefect_server_process(tmp_path / "prefect", PREFECT_SERVER_API_AUTH_STRING="admin:s3cret") as (url, env):
-        assert httpx.post(f"{url}/deployments/filter", json={}).status_code == 401
-        assert httpx.post(f"{url}/deployments/filter", json={}, auth=("admin", "s3cret")).status_code == 200
+        assert api_response("POST", f"{url}/deployments/filter", json={}).status_code == 401
+        assert api_response("POST", f"{url}/deployments/filter", json={}, auth=("admin", "s3cret")).status_code == 200
         ls = [sys.executable, "-m", "prefect", "deployment", "ls"]
         refused = subprocess.run(ls, env=env, capture_output=True, text=True, timeout=120)
         assert refused.returncode != 0 and "401" in refused.stdout + refused.stderr

@@ -2,56 +2,23 @@
 starts on 127.0.0.1 (skipped where PostgreSQL is not installed; `.ci/run` installs it)."""
 from __future__ import annotations
 
-import glob
-import os
-import pwd
-import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SHORT_RUN_ARGS, free_port, prefect_server_process
-
-
-
-def postgres_bin() -> Path | None:
-    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)), None)
-    return Path(found).resolve().parent if found else None  # Debian links initdb into /usr/local/bin, not createdb
+from bench.common import postgres_bin, postgres_cluster
+from tests.conftest import ROOT, SHORT_RUN_ARGS, prefect_server_process
 
 
 @pytest.fixture
 def postgres():
-    """A throwaway cluster on 127.0.0.1 (as the `postgres` user when the tests run as root: initdb refuses root)."""
+    """A throwaway cluster on 127.0.0.1: (the asyncpg URL, a function running one SQL query)."""
     bin_dir = postgres_bin()
     if bin_dir is None:
         pytest.skip("PostgreSQL is not installed (initdb not found); .ci/run installs Debian's postgresql")
-    user = "postgres" if os.geteuid() == 0 else None
-    home = Path(tempfile.mkdtemp(prefix="ftpipe-pg-"))  # not under pytest's folder, which only root may enter
-    home.chmod(0o755)
-    data = home / "data"
-    data.mkdir()
-    if user:
-        os.chown(data, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
-    port = free_port()
-
-    def pg(*command: str) -> subprocess.CompletedProcess:
-        result = subprocess.run([str(bin_dir / command[0]), *command[1:]], user=user, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result
-
-    pg("initdb", "-D", str(data), "-A", "trust", "-U", "prefect")
-    pg("pg_ctl", "-D", str(data), "-l", str(data / "server.log"), "-w", "start",
-       "-o", f"-p {port} -h 127.0.0.1 -k {data}")
-    try:
-        pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "prefect")
-        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect", lambda sql: pg(
-            "psql", "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "-d", "prefect", "-tAc", sql).stdout.strip()
-    finally:
-        pg("pg_ctl", "-D", str(data), "-m", "fast", "stop")
-        shutil.rmtree(home, ignore_errors=True)
+    with postgres_cluster(bin_dir) as (database_url, query):
+        yield database_url, query
 
 
 @pytest.mark.slow

@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import ROOT, SHORT_RUN, background, deployment_id, prefect_server_process, stop, wait_for
+from tests.conftest import ROOT, SHORT_RUN, api, background, create_run, deployment_id, prefect_server_process, stop, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "test-output" / "ui"
@@ -86,7 +85,7 @@ def test_a_short_recipe_submitted_from_the_form_completes(page):
     run_id = page.url.rstrip("/").rsplit("/", 1)[-1]
     wait_for_text(page, "Completed", 900, "3-completed")
     shot(page, "3-completed")
-    flow_run = httpx.get(f"{url}/flow_runs/{run_id}").json()
+    flow_run = api("GET", f"{url}/flow_runs/{run_id}")
     assert flow_run["state"]["type"] == "COMPLETED"
     assert flow_run["parameters"]["overrides"] == SHORT_RUN and flow_run["parameters"]["recipe"] == "quickstart"
 
@@ -94,8 +93,7 @@ def test_a_short_recipe_submitted_from_the_form_completes(page):
 def test_a_reviewer_resumes_a_paused_run_with_the_approval_form(page):
     page, url, deployment = page
     overrides = SHORT_RUN | {"training.seed": 5, "approval.required": True, "approval.reviewers": ["alice"]}
-    run_id = httpx.post(f"{url}/deployments/{deployment}/create_flow_run",
-                        json={"parameters": {"recipe": "quickstart", "overrides": overrides}}).json()["id"]
+    run_id = create_run(url, deployment, {"recipe": "quickstart", "overrides": overrides})
     ui = url.removesuffix("/api")
     page.goto(f"{ui}/runs/flow-run/{run_id}")
     wait_for_text(page, "Paused", 900, "4-paused")
