@@ -24,12 +24,21 @@ EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_FAILED = 0, 1, 2, 3
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    _create_prefect_home()
     try:
         return args.handler(args)
     except RecipeError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)
         return EXIT_INPUT
+
+
+def _create_prefect_home() -> None:
+    """Prefect keeps its database under PREFECT_HOME but does not create a folder named there that is missing: its
+    embedded server then fails to start with only "Timed out while attempting to connect". Create it, as Prefect
+    creates its default ~/.prefect."""
+    if home := os.environ.get("PREFECT_HOME"):
+        Path(home).expanduser().mkdir(parents=True, exist_ok=True)
 
 
 def _parser() -> argparse.ArgumentParser:

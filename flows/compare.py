@@ -51,12 +51,11 @@ def compare_models(recipe: RecipeName | Recipe = DEFAULT_RECIPE, bases: list[str
 
 
 def require_bases(recipe: Recipe, bases: list[str] | None) -> list[str]:
-    """The bases to compare: those given, else the recipe's compare.bases; none, or one twice, is an input error."""
-    chosen = list(bases) if bases else recipe.compare.bases
+    """The bases to compare: those given (checked by the schema's compare.bases rules), else the recipe's
+    compare.bases; none is an input error."""
+    chosen = resolve_recipe(recipe, {"compare.bases": list(bases)}).compare.bases if bases else recipe.compare.bases
     if not chosen:
         raise RecipeError(["compare.bases: name the base models to compare (or pass bases / --base)"])
-    if repeated := sorted({b for b in chosen if chosen.count(b) > 1}):
-        raise RecipeError([f"bases: each base once ({', '.join(repeated)} repeated)"])
     return chosen
 
 

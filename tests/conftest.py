@@ -181,9 +181,10 @@ def wait_for(url: str, run_id: str, timeout: float = 900) -> dict:
     raise AssertionError(f"flow run {run_id} did not finish within {timeout:g} s")
 
 
-def run_ftpipe(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the installed command line as a user would."""
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+def run_ftpipe(*args: str, cwd: Path | None = None, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    """Run the installed command line as a user would (`env`: variables set for it)."""
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd or ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, **env))
 
 
 def write_ticket_task(folder: Path, rows: int = 6) -> str:

@@ -177,6 +177,8 @@ def test_compare_refuses_a_recipe_without_bases_before_any_work(tmp_path):
     result = run_ftpipe("compare", "quickstart", "--output-dir", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "compare.bases: name the base models to compare (or pass bases / --base)"
+    twice = run_ftpipe("compare", "quickstart", "--base", "tiny:llama", "--base", "tiny:llama", "--output-dir", str(tmp_path))
+    assert twice.returncode == 2 and "compare.bases: each base once: tiny:llama repeated" in twice.stderr, twice.stderr
     assert not list(tmp_path.iterdir())
 
 

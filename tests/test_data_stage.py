@@ -138,9 +138,11 @@ def test_training_refuses_preference_rows_for_sft_with_the_row_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_ftpipe_prepare_writes_the_run_folder_ftpipe_run_uses(tmp_path):
-    result = run_ftpipe("prepare", "quickstart", "--output-dir", str(tmp_path))
+def test_ftpipe_prepare_writes_the_run_folder_ftpipe_run_uses_and_makes_a_missing_prefect_home(tmp_path):
+    prefect_home = tmp_path / "not-made-yet" / "prefect"  # Prefect alone times out starting its server here
+    result = run_ftpipe("prepare", "quickstart", "--output-dir", str(tmp_path), PREFECT_HOME=str(prefect_home))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list(prefect_home.glob("*.db")), "Prefect's database is not in the PREFECT_HOME ftpipe made"
     data_dir = Path(result.stdout.strip().splitlines()[-1].removeprefix("data: "))
     from flows.finetune import run_folder
     from recipes import load_recipe
