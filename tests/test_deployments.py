@@ -19,6 +19,12 @@ from tests.conftest import (ROOT, SHORT_RUN, api, api_response, background, crea
 pytestmark = pytest.mark.slow
 
 
+def readme_curl_flags() -> list[str]:
+    """The flags of the README's create_flow_run curl call (between `curl` and `-X POST`)."""
+    line = next(l for l in (ROOT / "README.md").read_text().splitlines() if l.startswith("curl ") and "create_flow_run" in l)
+    return line.split(" -X ")[0].split()[1:]
+
+
 def task_runs(url: str, run_id: str) -> dict[str, dict]:
     """The flow run's task runs by task name (prepare-data, train, ...)."""
     runs = api("POST", f"{url}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}})
@@ -48,11 +54,9 @@ def test_curl_and_run_deployment_train_one_at_a_time_and_a_rerun_reuses_every_st
     url, env, deployment, out = served
     first_parameters = {"recipe": "quickstart", "overrides": SHORT_RUN | {"training.seed": 1}}
     body = json.dumps({"parameters": first_parameters, "idempotency_key": f"test-{tmp_path.name}"})
-    curl = ["curl", "-sS", "--retry", "5", "-X", "POST", f"{url}/deployments/{deployment}/create_flow_run",  # the README's call
+    curl = ["curl", *readme_curl_flags(), "-X", "POST", f"{url}/deployments/{deployment}/create_flow_run",  # the README's call
             "-H", "Content-Type: application/json", "-d", body]
-    first = json.loads(subprocess.run(curl, capture_output=True, text=True, check=True).stdout)
-    assert "id" in first, first
-    again = json.loads(subprocess.run(curl, capture_output=True, text=True, check=True).stdout)
+    first, again = (json.loads(answer.stdout) for answer in (subprocess.run(curl, capture_output=True, text=True, check=True) for _ in range(2)))
     assert again["id"] == first["id"], "a repeated POST with the same idempotency key made a second run"
     first = first["id"]
 
@@ -80,6 +84,39 @@ print(flow_run.state.name, flow_run.state.result())
     states = {name: run["state"]["name"] for name, run in task_runs(url, rerun).items()}
     assert {states[s] for s in ("prepare-data", "resolve-model", "filter-tokens", "train", "evaluate")} == {"Cached"}, states
     assert states["gate"] == states["export"] == "Completed", states
+
+
+def test_the_readmes_curl_retries_a_503_with_its_idempotency_key_and_prints_one_answer():
+    """A stand-in server answers the first POST as Prefect's SQLite server does when writes collide (503), then 201."""
+    import http.server
+    import threading
+
+    bodies = []
+
+    class FlakyOnce(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            status, answer = (503, {"exception_message": "Service Unavailable"}) if len(bodies) == 1 else (201, {"id": "run-1"})
+            payload = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyOnce)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        body = json.dumps({"parameters": {"recipe": "quickstart"}, "idempotency_key": "ticket-4711"})
+        url = f"http://127.0.0.1:{server.server_port}/api/deployments/d/create_flow_run"
+        curl = subprocess.run(["curl", *readme_curl_flags(), "-X", "POST", url, "-H", "Content-Type: application/json", "-d", body],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert curl.returncode == 0 and json.loads(curl.stdout) == {"id": "run-1"}, curl.stdout + curl.stderr
+    assert [b["idempotency_key"] for b in bodies] == ["ticket-4711", "ticket-4711"]
 
 
 def test_compare_models_deployment_trains_its_bases_one_at_a_time_on_one_gpu_and_publishes_a_leaderboard(served, tmp_path):
