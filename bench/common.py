@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -156,6 +157,45 @@ def postgres_cluster(bin_dir: Path):
     finally:
         pg("pg_ctl", "-D", str(data), "-m", "fast", "stop")
         shutil.rmtree(home, ignore_errors=True)
+
+
+def background(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """A server-like command from the repository root, its output in `log`, in a session of its own for `stop`."""
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End a `background` command and its children: SIGTERM, then SIGKILL after 30 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def api_response(method: str, url: str, attempts: int = 8, **kwargs) -> httpx.Response:
+    """One Prefect REST call made as Prefect's own client makes it: a 503 is retried with backoff. Prefect's SQLite
+    server answers 503 `Service Unavailable` when a write collides with another one (measured: 11 of 1,527
+    create_flow_run calls in a minute while `ftpipe serve` polled); the README's curl retries the same way."""
+    for attempt in range(attempts):
+        response = httpx.request(method, url, timeout=60, **kwargs)
+        if response.status_code != 503:
+            return response
+        time.sleep(min(0.25 * 2 ** attempt, 5))
+    return response
+
+
+def deployment_id(url: str, name: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> str:
+    """The id of deployment `name` once `process` (ftpipe serve, prefect deploy) has registered it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = api_response("GET", f"{url}/deployments/name/{name}")
+        if found.status_code == 200:
+            return found.json()["id"]
+        assert process.poll() is None, log.read_text()[-3000:]
+        time.sleep(1)
+    raise AssertionError(f"deployment {name} never appeared:\n{log.read_text()[-3000:]}")
 
 
 def free_port() -> int:

@@ -21,32 +21,14 @@ import uuid
 from pathlib import Path
 
 import httpx
-from common import ROOT, postgres_bin, postgres_cluster, prefect_server_process
+from common import background, deployment_id, postgres_bin, postgres_cluster, prefect_server_process, stop
 
 FAR_FUTURE = {"type": "SCHEDULED", "state_details": {"scheduled_time": "2030-01-01T00:00:00Z"}}
 
 
-def deployment_while_served(url: str, env: dict, out: Path, stack: contextlib.ExitStack) -> str:
-    """`ftpipe serve` started against the server (stopped with `stack`); the finetune deployment's id."""
-    import subprocess
-
-    log = (out / "serve.log").open("w")
-    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--output-dir", str(out), "--gpus", "1"],
-                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    stack.callback(lambda: (serve.terminate(), serve.wait(timeout=60), log.close()))
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        found = httpx.get(f"{url}/deployments/name/finetune/finetune")
-        if found.status_code == 200:
-            return found.json()["id"]
-        if serve.poll() is not None:
-            sys.exit(f"ftpipe serve exited: {(out / 'serve.log').read_text()[-3000:]}")
-        time.sleep(1)
-    sys.exit("the finetune deployment never appeared")
-
-
 def post_until_created(url: str, deployment: str, key: str, codes: collections.Counter) -> None:
-    """The README's call with curl's `--retry 5`: a 503 is sent again with the same idempotency key."""
+    """The README's call with curl's `--retry 5`: a 503 is sent again with the same idempotency key, after curl's
+    waits (1, 2, 4 ... s). Its own loop rather than `api_response`, because every attempt's answer is counted."""
     body = {"parameters": {"recipe": "quickstart"}, "state": FAR_FUTURE, "idempotency_key": key}
     for attempt in range(6):
         response = httpx.post(f"{url}/deployments/{deployment}/create_flow_run", json=body, timeout=120)
@@ -61,7 +43,10 @@ def hammer(database: str, seconds: float, database_url: str | None) -> dict:
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
         server_env = {"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {}
         url, env = stack.enter_context(prefect_server_process(Path(folder) / "prefect", **server_env))
-        deployment = deployment_while_served(url, env, Path(folder), stack)
+        log = Path(folder) / "serve.log"
+        serve = background([sys.executable, "-m", "flows.cli", "serve", "--output-dir", folder, "--gpus", "1"], env, log)
+        stack.callback(stop, serve)
+        deployment = deployment_id(url, "finetune/finetune", serve, log, timeout=180)
         codes: collections.Counter = collections.Counter()
         keys = 0
         started = time.monotonic()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -11,10 +10,10 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
-from bench.common import free_port, prefect_server_process, wait_until_healthy  # noqa: F401  (shared with the benchmarks)
+from bench.common import (api_response, background, deployment_id, free_port, prefect_server_process, stop,  # noqa: F401
+                          wait_until_healthy)  # shared with the benchmarks
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_TRAIN = ROOT / "recipes" / "data" / "support_tickets_train.jsonl"
@@ -122,31 +121,6 @@ def prefect_server():
         yield
 
 
-def background(command: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def api_response(method: str, url: str, attempts: int = 8, **kwargs) -> httpx.Response:
-    """One Prefect REST call made as Prefect's own client makes it: a 503 is retried with backoff. Prefect's SQLite
-    server answers 503 `Service Unavailable` when a write collides with another one (measured: 11 of 1,527
-    create_flow_run calls in a minute while `ftpipe serve` polled); the README's curl retries the same way."""
-    for attempt in range(attempts):
-        response = httpx.request(method, url, timeout=60, **kwargs)
-        if response.status_code != 503:
-            return response
-        time.sleep(min(0.25 * 2 ** attempt, 5))
-    return response
-
-
 def api(method: str, url: str, **kwargs):
     """The JSON of a successful Prefect REST call; any other answer fails the test with its status and body."""
     response = api_response(method, url, **kwargs)
@@ -158,17 +132,6 @@ def create_run(url: str, deployment: str, parameters: dict) -> str:
     """A flow run of a deployment over REST; the idempotency key makes a retried POST return the same run."""
     body = {"parameters": parameters, "idempotency_key": str(uuid.uuid4())}
     return api("POST", f"{url}/deployments/{deployment}/create_flow_run", json=body)["id"]
-
-
-def deployment_id(url: str, name: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = api_response("GET", f"{url}/deployments/name/{name}")
-        if found.status_code == 200:
-            return found.json()["id"]
-        assert process.poll() is None, log.read_text()[-3000:]
-        time.sleep(1)
-    raise AssertionError(f"deployment {name} never appeared:\n{log.read_text()[-3000:]}")
 
 
 def wait_for(url: str, run_id: str, timeout: float = 900) -> dict:

@@ -56,7 +56,7 @@ def test_curl_and_run_deployment_train_one_at_a_time_and_a_rerun_reuses_every_st
     body = json.dumps({"parameters": first_parameters, "idempotency_key": f"test-{tmp_path.name}"})
     curl = ["curl", *readme_curl_flags(), "-X", "POST", f"{url}/deployments/{deployment}/create_flow_run",  # the README's call
             "-H", "Content-Type: application/json", "-d", body]
-    first, again = (json.loads(answer.stdout) for answer in (subprocess.run(curl, capture_output=True, text=True, check=True) for _ in range(2)))
+    first, again = (json.loads(subprocess.run(curl, capture_output=True, text=True, check=True).stdout) for _ in range(2))
     assert again["id"] == first["id"], "a repeated POST with the same idempotency key made a second run"
     first = first["id"]
 
