@@ -32,6 +32,7 @@ COPY data_prep ./data_prep
 COPY training ./training
 COPY evaluation ./evaluation
 COPY serving ./serving
+COPY governance ./governance
 COPY flows ./flows
 COPY prefect.yaml ./
 COPY --chmod=755 flows/entrypoint.sh /usr/local/bin/ftpipe-entrypoint

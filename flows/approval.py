@@ -1,19 +1,29 @@
-"""The reviewer's promotion decision: the flow pauses with a typed input form (Prefect's pause_flow_run) until a
-listed reviewer approves or rejects, or the time runs out. `ftpipe approve` resumes it through the API."""
+"""The reviewers' promotion decision: the flow pauses with a typed input form (Prefect's pause_flow_run) until enough
+reviewers of the model's policy approve with their credentials, one rejects, or the time runs out. `ftpipe approve`
+resumes it through the API and reads back whether the flow accepted the answer.
+
+Every answer is checked against the policy (reviewer listed, token matching the SHA-256 the policy keeps, not the
+run's own submitter) and recorded in the model's audit log, refusals too. The stored form answer holds the token, so
+the flow deletes it as soon as it is read; the log keeps the credential id, never the token.
+"""
 from __future__ import annotations
 
 import math
 import time
 from enum import Enum
+from typing import Callable
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
-from pydantic import Field
+from pydantic import Field, SecretStr
 
-from recipes.schema import ApprovalSection
+from governance.runs import RunGovernance
+
+PAUSE_PREFIX = "decision-"
+OUTCOME_PREFIX = "outcome-"
 
 
 class Decision(str, Enum):
@@ -26,9 +36,10 @@ class Decision(str, Enum):
 class PromotionDecision(RunInput):
     """The form a reviewer fills in the Prefect UI (or `ftpipe approve` sends)."""
 
-    decision: Decision = Field(description="approve promotes the candidate; reject does not.")
-    reviewer: str = Field(description="Your name as listed in the recipe's approval.reviewers.")
-    comment: str = Field("", description="Why; kept in manifest.json and the model card.")
+    decision: Decision = Field(description="approve promotes the candidate once enough reviewers approved; reject does not.")
+    reviewer: str = Field(description="Your reviewer name in the model's promotion policy.")
+    token: SecretStr = Field(description="Your reviewer token, issued by `ftpipe registry policy`; checked, never stored.")
+    comment: str = Field("", description="Why; kept in the model's audit log.")
 
 
 class PromotionRefused(RuntimeError):
@@ -39,48 +50,87 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def not_required() -> dict:
-    return {"required": False, "decision": "not required (development recipe)", "reviewer": None, "comment": "",
-            "decided_at": now(), "promoted": True, "refused": []}
+Record = Callable[[str, str, dict], None]  # (event, by, data) -> an audit-log entry
 
 
-def wait_for_decision(approval: ApprovalSection, request_markdown: str) -> dict:
-    """Pause until a listed reviewer decides; answers from others are refused (logged, shown as an artifact) and the
-    run pauses again. Returns the approval record for the manifest."""
+def not_required(governance: RunGovernance) -> dict:
+    return {"outcome": "not required", "required": False, "approvers": [], "reason": governance.describe(), "decided_at": now()}
+
+
+def wait_for_decision(governance: RunGovernance, request_markdown: str, form_description: str, submitter: str | None,
+                      record: Record) -> dict:
+    """Pause until `governance.approvals` reviewers approve, one rejects, or the time runs out; answers that fail
+    authentication are refused (recorded, shown as an artifact, the run pauses again). Returns the outcome."""
     logger = get_run_logger()
-    create_markdown_artifact(key="approval-request", markdown=request_markdown, description="Waiting for a reviewer's decision")
-    deadline = time.monotonic() + approval.timeout_hours * 3600
-    refused: list[dict] = []
+    create_markdown_artifact(key="approval-request", markdown=request_markdown, description="Waiting for reviewers' decisions")
+    deadline = time.monotonic() + governance.timeout_hours * 3600
+    approvers: list[dict] = []
+    answers = 0
     while (remaining := deadline - time.monotonic()) > 0:
+        answers += 1
+        key = f"{PAUSE_PREFIX}{answers}"
+        form = PromotionDecision.with_initial_data(description=form_description)
         try:
-            answer = pause_flow_run(wait_for_input=PromotionDecision, timeout=max(1, math.ceil(remaining)),
-                                    poll_interval=max(1, min(10, math.ceil(remaining / 4))))
+            answer = pause_flow_run(wait_for_input=form, key=key, timeout=max(1, math.ceil(remaining)),
+                                    poll_interval=max(1, min(5, math.ceil(remaining / 4))))
         except FlowPauseTimeout:
             break
-        reviewer = answer.reviewer.strip()
-        if reviewer in approval.reviewers:
-            promoted = answer.decision is Decision.approve
-            return {"required": True, "decision": "approved" if promoted else "rejected", "reviewer": reviewer,
-                    "comment": answer.comment, "decided_at": now(), "promoted": promoted, "refused": refused}
-        message = f"refused a decision from {reviewer!r}: only {', '.join(approval.reviewers)} may decide; still waiting"
-        logger.warning(message)
-        refused.append({"reviewer": reviewer, "decision": answer.decision.value, "at": now()})
-        create_markdown_artifact(key="approval-refused", markdown=f"# Decision refused\n{message}")
-    return {"required": True, "decision": "timed out", "reviewer": None, "comment": f"no decision within {approval.timeout_hours:g} h",
-            "decided_at": now(), "promoted": False, "refused": refused}
+        _forget_answer(key)
+        reviewer, why = governance.authenticate(answer.reviewer, answer.token.get_secret_value(), submitter)
+        if reviewer is not None and reviewer.name in {a["reviewer"] for a in approvers}:
+            reviewer, why = None, f"{reviewer.name!r} already approved this run; another reviewer must"
+        if reviewer is None:
+            logger.warning("refused a decision (%s): %s; still waiting", answer.decision.value, why)
+            record("decision_refused", answer.reviewer.strip()[:64], {"claimed_reviewer": answer.reviewer.strip()[:64],
+                                                                      "decision": answer.decision.value, "reason": why})
+            create_markdown_artifact(key="approval-refused", markdown=f"# Decision refused\n{why}; still waiting")
+            _tell_sender(key, {"accepted": False, "reason": why})
+            continue
+        vote = {"reviewer": reviewer.name, "credential_id": reviewer.credential_id, "decision": answer.decision.value,
+                "comment": answer.comment, "decided_at": now()}
+        record("decision", reviewer.name, vote)
+        if answer.decision is Decision.reject:
+            _tell_sender(key, {"accepted": True, "outcome": "rejected"})
+            return {"outcome": "rejected", "required": True, "approvers": approvers, "rejected_by": vote, "decided_at": now()}
+        approvers.append(vote)
+        done = len(approvers) >= governance.approvals
+        _tell_sender(key, {"accepted": True, "outcome": "approved" if done else
+                           f"approval {len(approvers)} of {governance.approvals} recorded; waiting for more"})
+        if done:
+            return {"outcome": "approved", "required": True, "approvers": approvers, "decided_at": now()}
+        logger.info("approval %d of %d from %s; waiting for another reviewer", len(approvers), governance.approvals, reviewer.name)
+    return {"outcome": "timed out", "required": True, "approvers": approvers, "decided_at": now(),
+            "reason": f"no decision within {governance.timeout_hours:g} h"}
 
 
-def refusal_message(record: dict) -> str:
-    if record["decision"] == "rejected":
-        return f"not promoted: rejected by {record['reviewer']}" + (f": {record['comment']}" if record["comment"] else "")
-    return f"not promoted: {record['comment']}"
+def refusal_message(outcome: dict) -> str:
+    if outcome["outcome"] == "rejected":
+        vote = outcome["rejected_by"]
+        return f"not promoted: rejected by {vote['reviewer']}" + (f": {vote['comment']}" if vote["comment"] else "")
+    return f"not promoted: {outcome.get('reason') or outcome['outcome']}"
+
+
+def _forget_answer(key: str) -> None:
+    """Delete the stored form answer: it holds the reviewer's token."""
+    from prefect.input.actions import delete_flow_run_input
+    from prefect.input.run_input import keyset_from_base_key
+
+    delete_flow_run_input(keyset_from_base_key(f"paused-{key}")["response"])
+
+
+def _tell_sender(key: str, outcome: dict) -> None:
+    """What became of an answer, for `ftpipe approve` (it reads `outcome-<pause key>`)."""
+    from prefect.input.actions import create_flow_run_input
+
+    create_flow_run_input(f"{OUTCOME_PREFIX}{key}", outcome)
 
 
 INPUT_WAIT_S = 60  # the paused run saves its input form right after pausing; a resume before that is refused
+OUTCOME_WAIT_S = 120  # the paused run polls every 5 s at most, then checks the answer
 
 
-def read_paused_run(run_id, reviewer: str):
-    """(the flow run, None) when it waits for a decision this reviewer may give, else (run or None, why not)."""
+def read_paused_run(run_id):
+    """(the flow run, None) when it waits for a decision, else (run or None, why not)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -89,16 +139,14 @@ def read_paused_run(run_id, reviewer: str):
             run = client.read_flow_run(run_id)
         except ObjectNotFound:
             return None, f"flow run {run_id} not found on {client.api_url}"
-    if run.state is None or not run.state.is_paused():
-        return run, f"flow run {run_id} is not waiting for a decision (state: {run.state.name if run.state else 'none'})"
-    reviewers = ((run.parameters.get("recipe") or {}).get("approval") or {}).get("reviewers") or []
-    if reviewer.strip() not in reviewers:
-        return run, f"{reviewer!r} is not a reviewer of this run; its recipe lists: {', '.join(reviewers) or 'nobody'}"
+    pause_key = run.state.state_details.pause_key if run.state is not None else None
+    if run.state is None or not run.state.is_paused() or not str(pause_key).startswith(PAUSE_PREFIX):
+        return run, f"flow run {run_id} is not waiting for a promotion decision (state: {run.state.name if run.state else 'none'})"
     return run, None
 
 
-def resume_with_decision(run, decision: PromotionDecision) -> None:
-    """Resume through the API, once the run has saved its input form (resuming before that is refused)."""
+def resume_with_decision(run, decision: PromotionDecision) -> dict:
+    """Resume through the API once the run has saved its input form, then wait for the flow's verdict on the answer."""
     from prefect.flow_runs import resume_flow_run
     from prefect.input.actions import read_flow_run_input
     from prefect.input.run_input import keyset_from_paused_state
@@ -107,4 +155,12 @@ def resume_with_decision(run, decision: PromotionDecision) -> None:
     deadline = time.monotonic() + INPUT_WAIT_S
     while read_flow_run_input(keyset["schema"], flow_run_id=run.id) is None and time.monotonic() < deadline:
         time.sleep(0.5)
-    resume_flow_run(run.id, run_input=decision.model_dump())
+    resume_flow_run(run.id, run_input={**decision.model_dump(mode="json"), "token": decision.token.get_secret_value()})
+    outcome_key = f"{OUTCOME_PREFIX}{run.state.state_details.pause_key}"
+    deadline = time.monotonic() + OUTCOME_WAIT_S
+    while (outcome := read_flow_run_input(outcome_key, flow_run_id=run.id)) is None:
+        if time.monotonic() > deadline:
+            return {"accepted": False, "reason": f"the run did not acknowledge the answer within {OUTCOME_WAIT_S} s; "
+                                                 "see its logs and the approval-refused artifact"}
+        time.sleep(1)
+    return outcome

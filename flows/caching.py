@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ("recipes", "data_prep", "training", "evaluation", "serving", "flows")
+PACKAGES = ("recipes", "data_prep", "training", "evaluation", "serving", "governance", "flows")
 CODE_SUFFIXES = (".py", ".jinja", ".json", ".jsonl", ".yaml")
 STALE_KEYS_TRIED = 8  # a cached result whose files were deleted is replaced under `<key>-1`, `<key>-2`, ...
 NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -126,11 +126,18 @@ def usable_key(store, key: str) -> str | None:
         candidate = key if attempt == 0 else f"{key}-{attempt}"
         if not store.exists(candidate):
             return candidate
-        gone = missing_files(store.read(candidate).result)
-        if not gone:
+        result = store.read(candidate).result
+        why = [f"{path} no longer exists" for path in missing_files(result)] or _changed_files(result)
+        if not why:
             return candidate
-        log.info("cached result %s is stale (%s no longer exists): running the stage again", candidate, gone[0])
+        log.info("cached result %s is stale (%s): running the stage again", candidate, why[0])
     return None
+
+
+def _changed_files(result: Any) -> list[str]:
+    """What a result that can check its own files (an exported artifact against its checksums) finds changed."""
+    check = getattr(result, "integrity_problems", None)
+    return check() if callable(check) else []
 
 
 def transient_failure(task, task_run, state) -> bool:

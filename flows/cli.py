@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from flows.cli_registry import add_commands as add_registry_commands, registry_errors
 from recipes import RECIPES_DIR, Recipe, RecipeError, load_recipe, recipe_path
 
 GPU_CHOICES = ("h100", "a100-80g", "l4")  # training.estimate.GPUS, named here so the parser stays import-light
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)
+        return EXIT_INPUT
+    except registry_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
 
 
@@ -69,13 +73,6 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="run every stage again instead of reusing cached results")
     run.set_defaults(handler=_run)
 
-    approve = sub.add_parser("approve", help="approve (or --reject) the promotion a paused finetune run waits for, through the Prefect API")
-    approve.add_argument("flow_run_id", help="the paused flow run's id (Prefect UI, or `prefect flow-run ls --state Paused`)")
-    approve.add_argument("--reviewer", required=True, help="your name as listed in the recipe's approval.reviewers")
-    approve.add_argument("--reject", action="store_true", help="reject: the model is not promoted")
-    approve.add_argument("--comment", default="", help="why; kept in manifest.json and the model card")
-    approve.set_defaults(handler=_approve)
-
     check = sub.add_parser("check-artifact", help="verify an exported artifact as vLLM would load it; one line per problem, exit 1 on any")
     check.add_argument("path", help="the artifact folder (runs/<run>/artifact, or a registry version folder)")
     check.set_defaults(handler=_check_artifact)
@@ -91,22 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     smoke.add_argument("--report", help="also write the full report (every answer and latency) to this JSON file")
     smoke.set_defaults(handler=_smoke)
 
-    registry = sub.add_parser("registry", help="list a model's versions and aliases; promote or roll back production")
-    registry_sub = registry.add_subparsers(dest="registry_command", required=True)
-    for name, help_text, handler in (
-        ("list", "versions, aliases and the history of alias moves", _registry_list),
-        ("promote", "move production to an approved version", _registry_promote),
-        ("rollback", "move production back to the version it held before (or --to one that was in production)", _registry_rollback),
-    ):
-        command = registry_sub.add_parser(name, help=help_text)
-        command.add_argument("model", help="the model's name (the recipe's name)")
-        command.add_argument("--registry", default=str(Path("runs") / "registry"),
-                             help="folder or fsspec URL of the registry (default: runs/registry, where `ftpipe run` registers)")
-        if name != "list":
-            command.add_argument("--to", required=name == "promote", help="the version number")
-            command.add_argument("--by", default=_user(), help="who moves the alias (default: your login name)")
-            command.add_argument("--reason", default="", help="why; kept in the alias history")
-        command.set_defaults(handler=handler)
+    add_registry_commands(sub)
 
     serve = sub.add_parser("serve", help="serve the finetune and prepare deployments from this machine (needs PREFECT_API_URL)")
     serve.add_argument("--output-dir", default="runs", help="folder that holds run folders and the registry (default: ./runs)")
@@ -229,7 +211,8 @@ def summary(recipe: Recipe) -> str:
     gates = ", ".join(f"{g.metric} no regression vs {g.no_regression_vs} (tolerance {g.tolerance:g})" if g.kind == "no_regression_vs"
                       else f"{g.metric} {g.kind}={g.threshold:g}" for g in e.gates) or "none"
     a = recipe.approval
-    approval = f"required from {', '.join(a.reviewers)} within {a.timeout_hours:g} h" if a.required else "not required (development recipe)"
+    who = ", ".join(a.reviewers) or "the reviewers of the model's promotion policy"
+    approval = f"required from {who} within {a.timeout_hours:g} h" if a.required else "not required (development recipe)"
     lines = [
         f"recipe: {recipe.name} (valid)",
         f"model: {recipe.model.base}" + (f" @ {recipe.model.revision}" if recipe.model.revision else ""),
@@ -262,7 +245,7 @@ def _run(args) -> int:
     _route_stage_logs()  # before Prefect is imported: it reads its logging settings then
     from flows.finetune import finetune
 
-    return _run_flow(finetune, args, lambda path: _printed(f"artifact: {path}"))
+    return _run_flow(finetune, args, lambda path: _printed(f"artifact: {path}"), governed=True)
 
 
 def _prepare(args) -> int:
@@ -277,7 +260,7 @@ def _compare(args) -> int:
     from flows.compare import compare_models, require_bases
 
     require_bases(_load(args), args.bases)  # before Prefect starts: nothing to compare is an input error
-    return _run_flow(compare_models, args, _print_leaderboard, bases=args.bases or None)
+    return _run_flow(compare_models, args, _print_leaderboard, governed=_load(args).compare.promote_best, bases=args.bases or None)
 
 
 def _print_leaderboard(result: dict) -> int:
@@ -298,12 +281,17 @@ def _printed(line: str) -> int:
     return EXIT_OK
 
 
-def _run_flow(flow, args, on_result, **parameters) -> int:
+def _run_flow(flow, args, on_result, governed: bool = False, **parameters) -> int:
     from training.launch import launch_problems
+
+    from flows.finetune import governed as check_policy
 
     recipe = _load(args)
     if problems := launch_problems(recipe.training.distributed):  # before any work, not after the data stage
         raise RecipeError(problems)
+    if governed:  # a run that would weaken its model's policy is refused before Prefect starts
+        check_policy(recipe, args.output_dir)
+    _detect_crashes()
     state = flow(recipe, output_dir=args.output_dir, force=args.force, return_state=True, **parameters)
     if state.is_completed():
         return on_result(state.result())
@@ -315,6 +303,17 @@ def _run_flow(flow, args, on_result, **parameters) -> int:
     code = exit_code_for(error)
     print(f"error: {error}" if isinstance(error, BaseException) else f"error: flow run ended {state.name}: {state.message}", file=sys.stderr)
     return code
+
+
+def _detect_crashes() -> None:
+    """On a running Prefect server (not the embedded one, which dies with this process), make sure a run killed
+    here ends Crashed."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        from flows.deployments import ensure_crash_detection
+
+        ensure_crash_detection()
 
 
 def _serve(args) -> int:
@@ -330,28 +329,6 @@ def _serve(args) -> int:
     from flows.deployments import serve_deployments
 
     serve_deployments(args.output_dir, args.gpus, args.limit)
-    return EXIT_OK
-
-
-def _approve(args) -> int:
-    """Resume the paused run with the reviewer's decision; refuse, without resuming, a run that is not waiting for
-    one or a reviewer the run's recipe does not list."""
-    from uuid import UUID
-
-    from flows.approval import PromotionDecision, read_paused_run, resume_with_decision
-
-    try:
-        run_id = UUID(args.flow_run_id)
-    except ValueError:
-        print(f"error: {args.flow_run_id!r} is not a flow run id", file=sys.stderr)
-        return EXIT_INPUT
-    run, problem = read_paused_run(run_id, args.reviewer)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_INPUT
-    decision = PromotionDecision(decision="reject" if args.reject else "approve", reviewer=args.reviewer, comment=args.comment)
-    resume_with_decision(run, decision)
-    print(f"flow run {run_id} resumed: {decision.decision.value} by {args.reviewer}; the run records it in manifest.json")
     return EXIT_OK
 
 
@@ -391,67 +368,6 @@ def _smoke(args) -> int:
     return EXIT_GATE if failed else EXIT_OK
 
 
-def _user() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
-
-
-def _registry_list(args) -> int:
-    from serving.registry import Registry
-
-    registry = Registry(args.registry)
-    versions = registry.versions(args.model)
-    if not versions:
-        print(f"error: {args.model} has no versions in {registry.uri} (models there: {', '.join(registry.models()) or 'none'})", file=sys.stderr)
-        return EXIT_INPUT
-    by_version: dict[str, list[str]] = {}
-    for alias, version in registry.aliases(args.model).items():
-        by_version.setdefault(version, []).append(alias)
-    print(f"{args.model} in {registry.uri}")
-    print(f"{'version':>7}  {'aliases':<20}  {'registered':<20}  {'approval':<28}  exact_match")
-    for version in versions:
-        manifest = registry.manifest(version)
-        approval = manifest.get("approval") or {}
-        decision = approval.get("decision", "pending") + (f" by {approval['reviewer']}" if approval.get("reviewer") else "")
-        metric = (manifest.get("evaluation") or {}).get("candidate", {}).get("exact_match")
-        print(f"{version.version:>7}  {','.join(sorted(by_version.get(version.version, []))) or '-':<20}  "
-              f"{version.record['registered_at']:<20}  {decision[:28]:<28}  {'-' if metric is None else f'{metric:.4f}'}")
-    print("history:")
-    for move in registry.history(args.model):
-        print(f"  {move['at']}  {move['alias']}: {move['previous'] or '-'} -> {move['version']}  by {move['by']}"
-              + (f"  ({move['reason']})" if move["reason"] else ""))
-    for leftover in registry.incomplete(args.model):
-        print(f"ignored: {leftover} (an interrupted copy; not a version, safe to delete)")
-    return EXIT_OK
-
-
-def _registry_promote(args) -> int:
-    return _move_production(args, lambda registry: registry.promote(args.model, args.to, args.by, args.reason))
-
-
-def _registry_rollback(args) -> int:
-    return _move_production(args, lambda registry: registry.rollback(args.model, args.by, args.to, args.reason))
-
-
-def _move_production(args, move) -> int:
-    from serving.registry import Registry, RegistryError
-
-    try:
-        done = move(Registry(args.registry))
-    except RegistryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    if done is None:
-        print(f"{args.model}: version {args.to} is production already; nothing moved")
-    else:
-        print(f"{args.model}: production {done['previous'] or '-'} -> {done['version']} by {done['by']}")
-    return EXIT_OK
-
-
 def _route_stage_logs() -> None:
     """Stages log with `logging`; Prefect shows and stores those loggers' INFO lines in the flow run."""
     import logging
@@ -460,6 +376,8 @@ def _route_stage_logs() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the embedded server's 20 s default is too short on a busy 2-core machine (seen while tests ran beside it)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # heartbeats every 30 s (Prefect's default is 180) so a killed run is Crashed within 90 s (flows/deployments.py)
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     for name in STAGE_LOGGERS.split(","):
         logging.getLogger(name).setLevel(logging.INFO)
 
@@ -485,7 +403,13 @@ def exit_code_for(error: object) -> int:
 
 
 def entrypoint() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `ftpipe registry list | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OK
+    sys.exit(code)
 
 
 if __name__ == "__main__":

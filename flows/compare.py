@@ -18,7 +18,8 @@ from evaluation.costs import UsageMeter, cost_report
 from evaluation.evaluate import Champion
 from evaluation.gates import decide
 from evaluation.leaderboard import best_of, entry, leaderboard_lines, metric_table, rank, summary_table
-from flows.finetune import (DEFAULT_RECIPE, RecipeName, _cache_refreshed, _validated, finetune, prepare_data_task,
+from flows.runlock import run_folder_lock
+from flows.finetune import (DEFAULT_RECIPE, RecipeName, _cache_refreshed, _validated, finetune, governed, prepare_data_task,
                             resolve_champion_task, run_folder, train_and_evaluate)
 from flows.publish import publish_cost
 from recipes import Recipe, RecipeError, resolve_recipe
@@ -38,6 +39,8 @@ def compare_models(recipe: RecipeName | Recipe = DEFAULT_RECIPE, bases: list[str
         force: run every stage again instead of reusing cached results
     """
     recipe = _validated(recipe, overrides)
+    if recipe.compare.promote_best:
+        governed(recipe, output_dir)  # the best goes on to promotion: refuse now what would weaken its policy
     recipes = {base: recipe_for_base(recipe, base) for base in require_bases(recipe, bases)}
     with _cache_refreshed(force):
         _prepare_once(recipe, output_dir)
@@ -84,7 +87,7 @@ def _run_candidates(recipes: dict[str, Recipe], output_dir: str, champion: Champ
 def compare_candidate(recipe: Recipe, base: str, output_dir: str, champion: Champion | None) -> dict:
     """One base model: train, evaluate, decide the gates (without stopping), meter its cost."""
     meter = UsageMeter()
-    with meter.active():
+    with run_folder_lock(run_folder(recipe, output_dir), f"compare candidate {base}"), meter.active():
         candidate = train_and_evaluate(recipe, output_dir, champion)
     evaluation = candidate.evaluation
     decision = decide(recipe.evaluation.gates, evaluation.candidate, evaluation.base, evaluation.champion)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
@@ -21,17 +21,22 @@ from evaluation.costs import UsageMeter, cost_report, gpus_in_use, metered, stag
 from evaluation.evaluate import Champion, EvalResult, compare_with_champion, score_base_and_candidate
 from evaluation.gates import GateDecision, GateRejected, decide
 from recipes import Recipe, RecipeError, recipe_hash, recipe_names, resolve_recipe
+from governance.runs import RunGovernance, govern, local_login
 from serving.export import ArtifactResult, export_artifact, record_in_manifest
-from serving.registry import PRODUCTION, Version, registry_for
+from serving.registry import PRODUCTION, Registry, Version, registry_for
 from flows.approval import PromotionRefused, not_required, refusal_message, wait_for_decision
 from flows.caching import RETRIES, StageCache
 from flows.publish import publish_artifact, publish_cost, publish_data, publish_evaluation, publish_training
-from flows.reports import approval_request_markdown
+from flows.runlock import run_folder_lock
+from flows.reports import approval_form_markdown, approval_request_markdown, approval_result_markdown
 from training.models import BaseModelRef
 from training.tracking import log_evaluation
 from training.train import TrainResult, filter_for_model, resolve_base_for, train
 
 GPU_LIMIT = "gpu"  # the global concurrency limit that caps training tasks running at once (`ftpipe serve --gpus N`)
+# The slot is leased and renewed while training runs: a killed process stops renewing and the server frees the slot
+# within this (Prefect's minimum) plus its repossessor's 15 s loop, instead of the 5-minute default.
+GPU_LEASE_S = 60
 # The recipes shipped in recipes/, as the Prefect form's drop-down; an inline recipe object is the other choice.
 RecipeName = Enum("RecipeName", {name: name for name in recipe_names()}, type=str)
 DEFAULT_RECIPE = RecipeName("quickstart")
@@ -72,7 +77,7 @@ def train_task(recipe: Recipe, data: PreparedData, base: BaseModelRef, run_dir: 
     def on_progress(step: int, total: int) -> None:
         update_progress_artifact(progress, progress=round(100 * step / max(total, 1), 1), description=f"step {step} of {total}")
 
-    with concurrency(GPU_LIMIT, occupy=1), stage_usage("train", gpus_in_use(recipe.training.distributed.num_processes)) as usage:
+    with concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_S), stage_usage("train", gpus_in_use(recipe.training.distributed.num_processes)) as usage:
         held_from = _utc_now()
         trained = train(recipe.training, recipe.model, recipe.tracking, data, run_dir / "training", base=base,
                         run_name=recipe.name, run_config=recipe.model_dump(mode="json"), on_progress=on_progress)
@@ -117,14 +122,18 @@ def compare_champion_task(recipe: Recipe, trained: TrainResult, evaluation: Eval
 
 
 @task(name="gate")
-def gate_task(recipe: Recipe, evaluation: EvalResult) -> GateDecision:
-    """Apply the recipe's gates; a failure stops the flow before export."""
-    decision = decide(recipe.evaluation.gates, evaluation.candidate, evaluation.base, evaluation.champion)
+def gate_task(recipe: Recipe, evaluation: EvalResult, governance: RunGovernance) -> GateDecision:
+    """Apply the recipe's gates and the policy's mandatory ones; the result goes to the model's audit log, and a
+    failure stops the flow before export."""
+    decision = decide(governance.gates, evaluation.candidate, evaluation.base, evaluation.champion)
     create_table_artifact(
         key="gate-decision",
         table=[{"gate": r.describe(), "passed": r.passed} for r in decision.results] or [{"gate": "none configured", "passed": True}],
         description="Gate decision: " + ("PASSED" if decision.passed else decision.failure_message()),
     )
+    if recipe.registry.enabled:
+        _registry(governance).append(recipe.name, "gates", _flow_run_label(), {"run": _flow_run_label(), **decision.to_dict(),
+                                             "mandatory": [g.model_dump(exclude_none=True) for g in governance.policy.gates]})
     if not decision.passed:
         raise GateRejected(decision.failure_message())
     return decision
@@ -156,29 +165,30 @@ def record_cost_task(artifact: ArtifactResult, costs: dict) -> ArtifactResult:
 
 
 @task(name="register", **RETRIES)
-def register_task(recipe: Recipe, artifact: ArtifactResult, output_dir: str) -> Version:
-    """Copy the artifact into the registry as the next version and point `candidate` at it."""
-    registry = registry_for(recipe.registry.uri, output_dir)
+def register_task(recipe: Recipe, artifact: ArtifactResult, governance: RunGovernance) -> Version:
+    """Copy the artifact into the registry as the next version (its files verified first) and point `candidate` at it."""
+    registry = _registry(governance)
     version = registry.register(recipe.name, artifact.path, by=_flow_run_label())
-    record_in_manifest(artifact.path, "registry", {"uri": registry.uri, "model": recipe.name, "version": version.version})
-    registry.update_files(version, artifact.path)
-    create_link_artifact(key="registry-candidate", link=version.url, link_text=f"{recipe.name} version {version.version}",
-                         description="Registered as the candidate")
+    create_markdown_artifact(key="registry-candidate", description="Registered as the candidate",
+                             markdown=f"# Registered: {recipe.name} version {version.version}\n`{version.url}` in `{registry.uri}` "
+                             f"(`ftpipe registry list {recipe.name} --registry {registry.uri}`)")
     return version
 
 
-@task(name="record-approval")
-def record_approval_task(artifact: ArtifactResult, approval: dict, recipe: Recipe, version: Version | None, output_dir: str) -> dict:
-    """Write the decision, reviewer and time into manifest.json and the model card (here and in the registry), and move
-    `production` to the version when it was promoted."""
-    manifest = record_in_manifest(artifact.path, "approval", approval)
-    if version is not None:
-        registry = registry_for(recipe.registry.uri, output_dir)
-        registry.update_files(version, artifact.path)
-        if approval["promoted"]:
-            who = approval["reviewer"] or "nobody: approval not required (development recipe)"
-            registry.promote(recipe.name, version.version, by=who, reason=f"{approval['decision']} in {_flow_run_label()}")
-    return manifest
+@task(name="promote")
+def promote_task(recipe: Recipe, governance: RunGovernance, version: Version, outcome: dict) -> dict | None:
+    """Record the approval outcome in the audit log and move `production` when it allows (the registry checks the log
+    and the version's files again, whatever this run says)."""
+    registry = _registry(governance)
+    registry.append(recipe.name, "approval", _flow_run_label(), {"version": version.version, "run": _flow_run_label(), **outcome})
+    if outcome["outcome"] not in ("approved", "not required"):
+        return None
+    who = ", ".join(f"{a['reviewer']} ({a['credential_id']})" for a in outcome["approvers"]) or "nobody: approval not required"
+    return registry.promote(recipe.name, version.version, by=who, reason=f"{outcome['outcome']} in {_flow_run_label()}")
+
+
+def _registry(governance: RunGovernance) -> Registry:
+    return Registry(governance.registry_uri)
 
 
 def _flow_run_label() -> str:
@@ -215,8 +225,9 @@ def finetune(recipe: RecipeName | Recipe = DEFAULT_RECIPE, overrides: dict[str, 
         force: run every stage again instead of reusing cached results
     """
     recipe = _validated(recipe, overrides)
+    governance = governed(recipe, output_dir)  # before any work
     with _cache_refreshed(force):
-        return _finetune(recipe, output_dir)
+        return _finetune(recipe, governance, output_dir)
 
 
 def _utc_now() -> str:
@@ -245,30 +256,71 @@ def train_and_evaluate(recipe: Recipe, output_dir: str, champion: Champion | Non
     return Candidate(run_dir, data, trained, evaluation)
 
 
-def _finetune(recipe: Recipe, output_dir: str) -> str:
+def _finetune(recipe: Recipe, governance: RunGovernance, output_dir: str) -> str:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     meter = UsageMeter()
-    with meter.active():
-        candidate = train_and_evaluate(recipe, output_dir, resolve_champion_task(recipe, output_dir))
-        trained, evaluation = candidate.trained, candidate.evaluation
-        decision = gate_task(recipe, evaluation)
-        artifact = export_task(recipe, trained, candidate.data, evaluation, decision, candidate.run_dir, started_at)
-        if recipe.evaluation.lm_eval.tasks:
-            benchmarks_task(recipe, trained, artifact, candidate.run_dir)
-    costs = cost_report(recipe.cost, meter.to_list(), candidate.run_dir, candidate.data.train_rows, evaluation.generation.get("candidate"))
-    publish_cost(recipe, costs)
-    if meter.ran("export"):  # a cached export keeps the cost of the run that made it
-        artifact = record_cost_task(artifact, costs)
-    publish_artifact(recipe, artifact)
-    version = register_task(recipe, artifact, output_dir) if recipe.registry.enabled else None
-    if recipe.approval.required:
-        approval = wait_for_decision(recipe.approval, approval_request_markdown(recipe, evaluation, decision, artifact.path, version))
-    else:
-        approval = not_required()
-    record_approval_task(artifact, approval, recipe, version, output_dir)
-    if not approval["promoted"]:
-        raise PromotionRefused(refusal_message(approval))
+    with run_folder_lock(run_folder(recipe, output_dir), _flow_run_label()):  # released before the approval wait
+        with meter.active():
+            candidate = train_and_evaluate(recipe, output_dir, resolve_champion_task(recipe, output_dir))
+            trained, evaluation = candidate.trained, candidate.evaluation
+            decision = gate_task(recipe, evaluation, governance)
+            artifact = export_task(recipe, trained, candidate.data, evaluation, decision, candidate.run_dir, started_at)
+            if recipe.evaluation.lm_eval.tasks:
+                benchmarks_task(recipe, trained, artifact, candidate.run_dir)
+        costs = cost_report(recipe.cost, meter.to_list(), candidate.run_dir, candidate.data.train_rows, evaluation.generation.get("candidate"))
+        publish_cost(recipe, costs)
+        if meter.ran("export"):  # a cached export keeps the cost of the run that made it
+            artifact = record_cost_task(artifact, costs)
+        publish_artifact(recipe, artifact)
+        version = register_task(recipe, artifact, governance) if recipe.registry.enabled else None
+    if version is None:
+        return artifact.path
+    outcome = _decision(recipe, governance, version, evaluation, decision, artifact)
+    moved = promote_task(recipe, governance, version, outcome)
+    create_markdown_artifact(key="approval-request", markdown=approval_result_markdown(recipe, version, outcome, moved),
+                             description=f"Decision: {outcome['outcome']}")
+    if outcome["outcome"] not in ("approved", "not required"):
+        raise PromotionRefused(refusal_message(outcome))
     return artifact.path
+
+
+def _decision(recipe: Recipe, governance: RunGovernance, version: Version, evaluation: EvalResult, decision: GateDecision,
+              artifact: ArtifactResult) -> dict:
+    """The reviewers' decision under the policy (every answer in the audit log), or "not required"."""
+    if not governance.approval_required:
+        return not_required(governance)
+    from prefect import get_run_logger
+    from prefect.runtime import flow_run
+
+    registry, submitter = _registry(governance), _submitter()
+
+    def record(event: str, by: str, data: dict) -> None:
+        registry.append(recipe.name, event, by, {"version": version.version, "run": _flow_run_label(), **data})
+
+    record("approval_requested", _flow_run_label(), {"reviewers": governance.reviewers, "approvals": governance.approvals,
+                                                     "timeout_hours": governance.timeout_hours, "submitter": submitter})
+    get_run_logger().warning("waiting for %s: ftpipe approve %s --reviewer NAME [--reject] (token from $FTPIPE_REVIEWER_TOKEN or "
+                             "--token-file), or the Resume form of this flow run", governance.describe(), flow_run.id)
+    return wait_for_decision(governance, approval_request_markdown(recipe, governance, evaluation, decision, artifact.path, version),
+                             approval_form_markdown(recipe, governance, version), submitter, record)
+
+
+def _submitter() -> str | None:
+    """Who started this run, where that is known: the local login for a run started here (`ftpipe run`), Prefect's
+    created_by for a deployment run (set by Prefect Cloud; a self-hosted server records no caller)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment, flow_run
+
+    if deployment.id is None:
+        return local_login()
+    with get_client(sync_client=True) as client:
+        created_by = client.read_flow_run(flow_run.id).created_by
+    return created_by.display_value if created_by else None
+
+
+def governed(recipe: Recipe, output_dir: str) -> RunGovernance:
+    """The model's policy as it applies to this run; RecipeError (before any work) when the run would weaken it."""
+    return govern(recipe, registry_for(recipe.registry.uri, output_dir) if recipe.registry.enabled else None)
 
 
 def _validated(recipe: RecipeName | Recipe | dict | str, overrides: dict[str, Any] | None) -> Recipe:
@@ -306,6 +358,7 @@ def prepare(recipe: RecipeName | Recipe = DEFAULT_RECIPE, overrides: dict[str, A
         force: prepare the data again instead of reusing the cached result
     """
     recipe = _validated(recipe, overrides)
-    with _cache_refreshed(force):
-        data, _ = _prepared(recipe, run_folder(recipe, output_dir))
+    run_dir = run_folder(recipe, output_dir)
+    with _cache_refreshed(force), run_folder_lock(run_dir, _flow_run_label()):
+        data, _ = _prepared(recipe, run_dir)
     return str(Path(data.train_path).parent)

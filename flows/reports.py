@@ -118,22 +118,48 @@ def evaluation_table(evaluation) -> list[dict]:
     return rows
 
 
-def approval_request_markdown(recipe, evaluation, decision, artifact_path: str, version=None) -> str:
+def approval_request_markdown(recipe, governance, evaluation, decision, artifact_path: str, version) -> str:
     """What the reviewer reads before deciding: metrics side by side, safety, gates, where the report lies."""
     gates = "\n".join(f"- {'PASS' if r.passed else 'FAIL'}: {r.describe()}" for r in decision.results) or "- none configured"
-    registered = f"Registered as {recipe.name} version {version.version} (`candidate`): `{version.url}`.\n" if version else ""
-    return f"""# Promotion decision needed: {recipe.name}
-Reviewers: {', '.join(recipe.approval.reviewers)}. Decide with the **Resume** form of this flow run, or
-`ftpipe approve <flow-run-id> --reviewer NAME [--reject] [--comment TEXT]`. Without a decision within
-{recipe.approval.timeout_hours:g} h the model is not promoted.
+    return f"""# Promotion decision needed: {recipe.name} version {version.version}
+Needed: {governance.describe()} (the promotion policy of {recipe.name} in `{governance.registry_uri}`). Decide with the
+**Resume** form of this flow run (reviewer name and token), or
+`ftpipe approve <flow-run-id> --reviewer NAME [--reject] [--comment TEXT]` with the token in `$FTPIPE_REVIEWER_TOKEN`.
+Without enough approvals within {governance.timeout_hours:g} h the model is not promoted.
 
 {champion_line(evaluation.to_dict())}
 
 {metrics_markdown(evaluation.to_dict())}
 
-**Gates**
+**Gates** (the recipe's and the policy's mandatory ones)
 {gates}
 
 Per-example outputs and safety probes: the `evaluation-examples` and `safety` artifacts, and `{evaluation.report_path}`.
-Artifact: `{artifact_path}`.
-{registered}"""
+Artifact: `{artifact_path}`; registered as {recipe.name} version {version.version} (`candidate`): `{version.url}`.
+"""
+
+
+def approval_form_markdown(recipe, governance, version) -> str:
+    """The Resume form's description: who may decide, and where the evidence is."""
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = (PREFECT_UI_URL.value() or "").rstrip("/")
+    links = ", ".join(f"[{key}]({ui}/artifacts/key/{key})" if ui else f"`{key}`"
+                      for key in ("approval-request", "evaluation", "evaluation-examples", "safety", "gate-decision"))
+    return (f"**{recipe.name} version {version.version}**: {governance.describe()}. Reviewers: {', '.join(governance.reviewers)}. "
+            f"Give your reviewer name and the token `ftpipe registry policy` issued to you; a wrong token, another name or the "
+            f"run's own submitter is refused and recorded in the audit log. Evidence: {links}.")
+
+
+def approval_result_markdown(recipe, version, outcome: dict, moved: dict | None) -> str:
+    """The approval-request artifact's last version: the decision, who made it, and the production move."""
+    votes = "\n".join(f"- {a['decision']} by {a['reviewer']} (credential {a['credential_id']}) at {a['decided_at']}"
+                      + (f": {a['comment']}" if a["comment"] else "") for a in [*outcome["approvers"], *([outcome["rejected_by"]]
+                                                                                  if outcome.get("rejected_by") else [])])
+    production = (f"production {moved['previous'] or '-'} -> {moved['version']}" if moved else
+                  "production unchanged" + (" (this version is production already)" if outcome["outcome"] in ("approved", "not required") else ""))
+    return f"""# Decision: {outcome['outcome']} ({recipe.name} version {version.version})
+{votes or '- ' + (outcome.get('reason') or outcome['outcome'])}
+
+{production}. Every answer, refusals included, is in the model's audit log (`ftpipe registry verify {recipe.name}`).
+"""

@@ -538,18 +538,16 @@ class RegistrySection(Section):
 
 class ApprovalSection(Section):
     required: bool = Field(
-        False, description="After the gates pass and the artifact is built, pause for a listed reviewer's decision before "
-        "promotion. Production recipes set true and name reviewers; when false (development recipes) the manifest and the "
-        "model card record that no one approved."
+        False, description="After the gates pass and the artifact is registered, pause for reviewers' decisions before "
+        "promotion. Who may decide, and how many must approve, is the registered model's promotion policy (`ftpipe registry "
+        "policy`), not the recipe's: a run cannot turn off approval its model's policy requires. False (development recipes, "
+        "no policy): the audit log records that no one approved."
     )
-    reviewers: list[str] = Field(default_factory=list, description="Who may approve or reject (only these names count).")
+    reviewers: list[str] = Field(
+        default_factory=list, description="Narrow who may decide this run to these reviewers of the model's policy (empty: all "
+        "of them). A name the policy does not list is refused when the run starts."
+    )
     timeout_hours: float = Field(72.0, gt=0, le=24 * 30, description="Without a decision by then, the model is not promoted.")
-
-    @model_validator(mode="after")
-    def _reviewers_named(self) -> "ApprovalSection":
-        if self.required and not [r for r in self.reviewers if r.strip()]:
-            raise ValueError("reviewers: name who may approve (required: true), or set required: false for a development recipe")
-        return self
 
 
 class CompareSection(Section):
@@ -650,6 +648,9 @@ class Recipe(Section):
                     wanted = "preference" if dpo else "a chat or text format"
                     raise ValueError(f"data.{field}[{i}].format is {source.format} but training.method={self.training.method} "
                                      f"trains on {wanted} rows")
+        if self.approval.required and not self.registry.enabled:
+            raise ValueError("approval.required: approval decides promotion in the registry, where the policy, the reviewers' "
+                             "credentials and the audit log live; set registry.enabled: true")
         champion_gates = [i for i, gate in enumerate(self.evaluation.gates) if gate.reference == "champion"]
         if champion_gates and not (self.registry.enabled and self.registry.compare_with_champion):
             raise ValueError(f"evaluation.gates[{champion_gates[0]}] compares with the champion, which needs registry.enabled "

@@ -79,7 +79,7 @@ Merged vs adapter model: {json.dumps(equivalence) if equivalence else 'not expor
 {cost_markdown(manifest.get('cost'))}
 
 ## Approval
-{_approval_lines(manifest.get('approval'))}
+{APPROVAL_PLACEHOLDER}
 
 ## Limitations
 Evaluated only on the suites above. Safety probes are a screening (refusal phrases, canaries, PII patterns), not a
@@ -130,11 +130,6 @@ def _benchmark_lines(benchmarks: dict | None) -> str:
                      for task, metrics in benchmarks["candidate"].items() for metric, value in metrics.items())
 
 
-def _approval_lines(approval: dict | None) -> str:
-    if not approval:
-        return "Pending: the reviewer's decision is recorded here once made."
-    if not approval["required"]:
-        return "Not required: a development recipe (approval.required: false); no one approved this model."
-    who = f" by {approval['reviewer']}" if approval.get("reviewer") else ""
-    comment = f": {approval['comment']}" if approval.get("comment") else ""
-    return f"{approval['decision']}{who} at {approval['decided_at']}{comment} (promoted: {approval['promoted']})"
+APPROVAL_PLACEHOLDER = ("Recorded in the registry's audit log, not in this file (a registered version's files never change): "
+                        "`ftpipe registry card MODEL VERSION` renders this card with the decisions, and `ftpipe registry verify "
+                        "MODEL` checks them.")

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.formats import conversation_of
-from data_prep.files import atomic_write_json, atomic_write_text, checksums
+from data_prep.files import sha256_file, atomic_write_json, atomic_write_text, checksums
 from data_prep.prepare import read_jsonl
 from recipes.schema import ExportSection, ModelSection
 from serving.assets import write_serving_assets
 from serving.cards import model_card
-from serving.checks import ADAPTER_FILES, check_adapter_servable, check_artifact, check_merged_model, check_template_matches_training
+from serving.checks import ADAPTER_FILES, check_adapter_servable, check_artifact, check_checksums, check_merged_model, check_template_matches_training
 from training.tokenize import prompt_ids
 from training.train import TrainResult
 
@@ -42,6 +42,17 @@ class ArtifactResult:
 
     def to_dict(self) -> dict:
         return {"path": self.path, "manifest_path": str(Path(self.path) / "manifest.json")}
+
+    def integrity_problems(self) -> list[str]:
+        """Files changed since export (a zeroed shard, an edited card): a cached export like that is made again."""
+        manifest = Path(self.path) / "manifest.json"
+        if not manifest.is_file():
+            return [f"{manifest}: missing"]
+        try:
+            listed = json.loads(manifest.read_text()).get("files") or {}
+        except ValueError:
+            return [f"{manifest}: not JSON"]
+        return check_checksums(Path(self.path), listed)
 
 
 def export_artifact(
@@ -233,14 +244,14 @@ def _manifest(section: ExportSection, trained: TrainResult, lineage: dict, equiv
 
 
 def record_in_manifest(artifact_path: str | Path, key: str, value) -> dict:
-    """Add what comes after export (benchmarks, the promotion decision) to manifest.json and the model card, and
-    re-checksum the files (the card changed). Each file is replaced atomically."""
+    """Add what comes before registration (benchmarks, cost) to manifest.json and the model card, and re-checksum
+    the card alone (never the other files: a file changed since export must keep failing its checksum). Each file is
+    replaced atomically."""
     root = Path(artifact_path)
     manifest = json.loads((root / "manifest.json").read_text())
     manifest[key] = value
     atomic_write_text(root / "README.md", model_card(manifest))
-    manifest["files"] = checksums(root)
-    manifest["files"].pop("manifest.json", None)
+    manifest["files"]["README.md"] = sha256_file(root / "README.md")
     atomic_write_json(root / "manifest.json", manifest)
     return manifest
 

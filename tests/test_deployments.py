@@ -158,6 +158,37 @@ def test_a_bad_recipe_is_refused_with_the_recipes_own_error_lines(served):
     assert task_runs(url, run) == {}  # refused before any stage
 
 
+def test_a_deployment_run_by_recipe_name_is_approved_with_ftpipe_approve_and_cannot_drop_its_policy(served):
+    """The deployment path (recipe by name, overrides) under a registry policy: an override turning approval off is
+    refused before any stage; a run that pauses is approved with `ftpipe approve` and the reviewer's token."""
+    url, env, deployment, out = served
+    policy = subprocess.run([sys.executable, "-m", "flows.cli", "registry", "policy", "governed", "--require-approval", "--reviewer",
+                             "alice", "--gate", "exact_match>=0", "--registry", str(out / "registry")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    token = next(line.rsplit(": ", 1)[1] for line in policy.stdout.splitlines() if line.startswith("token for alice"))
+    weakened = create_run(url, deployment, {"recipe": "quickstart", "overrides": SHORT_RUN | {"name": "governed"}})
+    flow_run = wait_for(url, weakened, timeout=300)
+    assert flow_run["state"]["type"] == "FAILED" and task_runs(url, weakened) == {}
+    assert "approval.required: false would skip the approval the promotion policy of model 'governed'" in flow_run["state"]["message"]
+
+    run = create_run(url, deployment, {"recipe": "quickstart", "overrides": SHORT_RUN | {"name": "governed", "approval.required": True}})
+    deadline = datetime.now().timestamp() + 900
+    while api("GET", f"{url}/flow_runs/{run}")["state"]["type"] != "PAUSED":
+        assert datetime.now().timestamp() < deadline, api("GET", f"{url}/flow_runs/{run}")["state"]
+        subprocess.run(["sleep", "2"])
+    approved = subprocess.run([sys.executable, "-m", "flows.cli", "approve", run, "--reviewer", "alice"], cwd=ROOT,
+                              env=env | {"FTPIPE_REVIEWER_TOKEN": token}, capture_output=True, text=True, timeout=300)
+    assert approved.returncode == 0, approved.stderr[-3000:]
+    assert wait_for(url, run, timeout=300)["state"]["type"] == "COMPLETED"
+    from serving.registry import Registry
+
+    registry = Registry(out / "registry")
+    assert registry.aliases("governed")["production"] == "1"
+    gates = next(e for e in registry.events("governed") if e.event == "gates" and e.data["passed"])
+    assert [r["description"].split(" ")[0] for r in gates.data["results"]][-1] == "exact_match"  # the policy's gate was applied
+    assert gates.data["mandatory"] == [{"metric": "exact_match", "min": 0.0, "tolerance": 0.0}]
+
+
 def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_it(tmp_path):
     with prefect_server_process(tmp_path / "prefect") as (url, env):
         env = dict(env, PWD=str(ROOT))  # what `{{ $PWD }}` in prefect.yaml resolves to, as in a shell

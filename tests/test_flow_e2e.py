@@ -26,7 +26,7 @@ def test_quickstart_runs_end_to_end_and_passes_its_gates(tmp_path):
     assert manifest["gates"]["passed"] and len(manifest["gates"]["results"]) == 4
     assert manifest["gates"]["results"][3]["description"] == (
         "exact_match - champion >= -0.02 (no regression): passes: no other model in production (none yet, or it is this very adapter)")
-    assert manifest["approval"]["required"] is False and manifest["approval"]["decision"] == "not required (development recipe)"
+    assert "approval" not in manifest  # decisions are audit-log entries; a registered version's files never change
     safety = {k: v for k, v in manifest["evaluation"]["candidate"].items() if k.startswith("safety.")}
     assert set(safety) == {"safety.refusal_rate", "safety.injection_resistance", "safety.pii_leak_rate", "safety.bias_change_rate"}
     assert manifest["evaluation"]["candidate"]["exact_match"] >= 0.9
@@ -41,7 +41,11 @@ def test_quickstart_runs_end_to_end_and_passes_its_gates(tmp_path):
     assert {p.name for p in filtered.iterdir()} >= {"train.jsonl", "eval.jsonl", "report.json", "token_lengths.png", "too_long.jsonl"}
     assert (run_dir / "eval" / "report.json").is_file()
     assert "Task run 'export" in result.stderr
-    assert manifest["registry"] == {"uri": str(tmp_path / "registry"), "model": "quickstart", "version": "1"}
+    from serving.registry import Registry
+
+    registry = Registry(tmp_path / "registry")
+    assert registry.approval_outcome("quickstart", "1")["outcome"] == "not required"
+    assert [e.event for e in registry.events("quickstart")] == ["gates", "register", "alias", "approval", "alias"]
     _second_run_is_compared_with_the_first_as_champion(tmp_path, artifact)
 
 
@@ -66,9 +70,10 @@ def _second_run_is_compared_with_the_first_as_champion(tmp_path: Path, first: Pa
     assert registry.aliases("quickstart") == {"candidate": "2", "production": "2"}
     moves = [(m["alias"], m["previous"], m["version"]) for m in registry.history("quickstart")]
     assert moves == [("candidate", None, "1"), ("production", None, "1"), ("candidate", "1", "2"), ("production", "1", "2")]
-    assert registry.history("quickstart")[-1]["by"] == "nobody: approval not required (development recipe)"
+    assert registry.history("quickstart")[-1]["by"] == "nobody: approval not required"
     shipped = json.loads((tmp_path / "registry" / "quickstart" / "2" / "manifest.json").read_text())
-    assert shipped == json.loads((artifact / "manifest.json").read_text())  # the approval reached the registry's copy
+    assert shipped == json.loads((artifact / "manifest.json").read_text())  # registered as exported, never rewritten
+    assert registry.verify("quickstart") == []
 
 
 @pytest.mark.slow

@@ -27,9 +27,9 @@ def test_every_shipped_recipe_loads_and_its_data_exists(path):
 
 
 def test_defaults_alone_make_a_valid_recipe():
-    with pytest.raises(ValueError, match="reviewers: name who may approve"):
-        Recipe(approval={"required": True})  # promotion by approval needs a named reviewer
-    assert Recipe(approval={"required": True, "reviewers": ["alice"]}).approval.reviewers == ["alice"]
+    with pytest.raises(ValueError, match="approval.required: approval decides promotion in the registry"):
+        Recipe(approval={"required": True}, registry={"enabled": False})  # reviewers and their credentials live there
+    assert Recipe(approval={"required": True}).approval.reviewers == []  # who decides is the registry's policy
     recipe = Recipe()
     assert recipe.model.base == "tiny:llama"
     assert Path(recipe.data.sources[0].path).is_file()
@@ -191,6 +191,8 @@ def test_the_summary_says_who_must_approve_and_how_gates_compare():
     assert "approval: not required (development recipe)" in summary(load_recipe(quickstart))
     required = summary(load_recipe(quickstart, ["approval.required=true", "approval.reviewers=[alice, bob]", "approval.timeout_hours=24"]))
     assert "approval: required from alice, bob within 24 h" in required
+    policy = summary(load_recipe(quickstart, ["approval.required=true"]))
+    assert "approval: required from the reviewers of the model's promotion policy within 72 h" in policy
     assert "safety.refusal_rate no regression vs base (tolerance 0.02)" in required
 
 

@@ -9,24 +9,31 @@ from pathlib import Path
 import pytest
 
 from data_prep.files import checksums
+from governance.runs import local_login
 from serving.registry import CANDIDATE, PRODUCTION, Registry, RegistryError
 from tests.conftest import ROOT, run_ftpipe
 
-APPROVED = {"required": True, "decision": "approved", "reviewer": "alice", "promoted": True}
-REJECTED = {"required": True, "decision": "rejected", "reviewer": "alice", "promoted": False}
+APPROVED = {"outcome": "approved", "approvers": [{"reviewer": "alice", "credential_id": "cred-1"}]}
+REJECTED = {"outcome": "rejected", "approvers": []}
 
 
-def make_artifact(folder: Path, tag: str, approval: dict | None = None, shards: int = 2) -> Path:
+def make_artifact(folder: Path, tag: str, shards: int = 2) -> Path:
     """An artifact folder as export writes it: files, then a manifest listing their SHA-256s."""
     (folder / "model").mkdir(parents=True)
     for i in range(shards):
         (folder / "model" / f"model-{i:05d}.safetensors").write_bytes(tag.encode() * 50_000)
     (folder / "README.md").write_text(f"card {tag}\n")
     manifest = {"name": "tickets", "tag": tag, "files": checksums(folder), "evaluation": {"candidate": {"exact_match": 0.9}}}
-    if approval:
-        manifest["approval"] = approval
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
+
+
+def register(registry: Registry, folder: Path, tag: str, outcome: dict | None = None, **kwargs) -> str:
+    """Register an artifact and, as a run's promote step does, record its approval outcome in the audit log."""
+    version = registry.register("tickets", make_artifact(folder, tag, **kwargs), by="ci").version
+    if outcome:
+        registry.append("tickets", "approval", "flow run test", {"version": version, **outcome})
+    return version
 
 
 def test_versions_are_numbered_and_an_identical_artifact_is_not_copied_twice(tmp_path):
@@ -45,8 +52,8 @@ def test_versions_are_numbered_and_an_identical_artifact_is_not_copied_twice(tmp
 
 def test_only_approved_versions_are_promoted_and_rollback_returns_to_the_previous_production(tmp_path):
     registry = Registry(tmp_path / "registry")
-    for tag, approval in (("a", APPROVED), ("b", REJECTED), ("c", None), ("d", APPROVED)):
-        registry.register("tickets", make_artifact(tmp_path / tag, tag, approval), by="ci")
+    for tag, outcome in (("a", APPROVED), ("b", REJECTED), ("c", None), ("d", APPROVED)):
+        register(registry, tmp_path / tag, tag, outcome)
     with pytest.raises(RegistryError, match=r"^tickets has no production version to roll back from"):
         registry.rollback("tickets", by="oncall")
     registry.promote("tickets", "1", by="alice")
@@ -71,7 +78,7 @@ def test_only_approved_versions_are_promoted_and_rollback_returns_to_the_previou
 
 def test_an_fsspec_url_registry_works_like_a_folder(tmp_path):
     registry = Registry(f"memory://{tmp_path.name}/registry")
-    version = registry.register("tickets", make_artifact(tmp_path / "a", "a", APPROVED), by="ci")
+    version = registry.version("tickets", register(registry, tmp_path / "a", "a", APPROVED))
     registry.promote("tickets", version.version, by="alice")
     assert registry.resolve("tickets", PRODUCTION).version == "1"
     local = registry.local_copy(version, tmp_path / "cache")
@@ -120,7 +127,7 @@ def test_a_copy_killed_midway_never_looks_like_a_version(tmp_path, kill_point):
     """SIGKILL the registering process after two files were copied, or after the folder got its number but before
     registered.json: the registry lists no new version, says what is left over, and the next registration works."""
     registry = Registry(tmp_path / "registry")
-    registry.register("tickets", make_artifact(tmp_path / "a", "a", APPROVED), by="ci")
+    register(registry, tmp_path / "a", "a", APPROVED)
     registry.promote("tickets", "1", by="alice")
     killed = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "registry"), str(make_artifact(tmp_path / "b", "b", shards=6)),
                              kill_point], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -140,17 +147,18 @@ def test_the_registry_command_lists_promotes_and_rolls_back(tmp_path):
     uri = str(tmp_path / "registry")
     registry = Registry(uri)
     for tag in ("a", "b"):
-        registry.register("tickets", make_artifact(tmp_path / tag, tag, APPROVED), by="ci")
-    promoted = run_ftpipe("registry", "promote", "tickets", "--to", "1", "--by", "alice", "--registry", uri)
-    assert promoted.returncode == 0 and promoted.stdout.strip() == "tickets: production - -> 1 by alice"
-    assert run_ftpipe("registry", "promote", "tickets", "--to", "2", "--by", "alice", "--registry", uri).returncode == 0
-    rolled = run_ftpipe("registry", "rollback", "tickets", "--by", "oncall", "--reason", "latency", "--registry", uri)
-    assert rolled.stdout.strip() == "tickets: production 2 -> 1 by oncall"
+        register(registry, tmp_path / tag, tag, APPROVED)
+    me = local_login()  # who moves production is the login running the command, not a name typed on it
+    promoted = run_ftpipe("registry", "promote", "tickets", "--to", "1", "--registry", uri)
+    assert promoted.returncode == 0 and promoted.stdout.strip() == f"tickets: production - -> 1 by {me}"
+    assert run_ftpipe("registry", "promote", "tickets", "--to", "2", "--registry", uri).returncode == 0
+    rolled = run_ftpipe("registry", "rollback", "tickets", "--reason", "latency", "--registry", uri)
+    assert rolled.stdout.strip() == f"tickets: production 2 -> 1 by {me}"
     listed = run_ftpipe("registry", "list", "tickets", "--registry", uri).stdout.splitlines()
     assert listed[2].split() == ["1", "production", listed[2].split()[2], "approved", "by", "alice", "0.9000"]
     assert listed[3].split()[:2] == ["2", "candidate"]
-    assert listed[-1].endswith("production: 2 -> 1  by oncall  (latency)")
-    refused = run_ftpipe("registry", "rollback", "tickets", "--to", "7", "--by", "x", "--registry", uri)
+    assert listed[-1].endswith(f"production: 2 -> 1  by {me}  (latency)")
+    refused = run_ftpipe("registry", "rollback", "tickets", "--to", "7", "--registry", uri)
     assert refused.returncode == 2 and refused.stderr.strip() == "error: tickets version 7 was never in production; roll back only to a version that was (use `ftpipe registry promote` for an approved new one)"
     missing = run_ftpipe("registry", "list", "other", "--registry", uri)
     assert missing.returncode == 2 and missing.stderr.strip() == f"error: other has no versions in {uri} (models there: tickets)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,27 +91,48 @@ def test_a_short_recipe_submitted_from_the_form_completes(page):
     assert flow_run["parameters"]["overrides"] == SHORT_RUN and flow_run["parameters"]["recipe"] == "quickstart"
 
 
-def test_a_reviewer_resumes_a_paused_run_with_the_approval_form(page):
+def test_a_reviewer_resumes_a_paused_run_with_the_approval_form(page, tmp_path):
+    """The reviewer's path: the form's description names the reviewers; a wrong token is refused (the run pauses
+    again), the token `ftpipe registry policy` issued is accepted and the run completes."""
     page, url, deployment = page
-    overrides = SHORT_RUN | {"training.seed": 5, "approval.required": True, "approval.reviewers": ["alice"]}
+    out = Path(api("GET", f"{url}/deployments/{deployment}")["parameters"]["output_dir"])
+    policy = subprocess.run([sys.executable, "-m", "flows.cli", "registry", "policy", "reviewed", "--require-approval", "--reviewer",
+                             "alice", "--registry", str(out / "registry")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert policy.returncode == 0, policy.stderr
+    token = next(line.rsplit(": ", 1)[1] for line in policy.stdout.splitlines() if line.startswith("token for alice"))
+    overrides = SHORT_RUN | {"name": "reviewed", "training.seed": 5, "approval.required": True}
     run_id = create_run(url, deployment, {"recipe": "quickstart", "overrides": overrides})
     ui = url.removesuffix("/api")
     page.goto(f"{ui}/runs/flow-run/{run_id}")
     wait_for_text(page, "Paused", 900, "4-paused")
     shot(page, "4-paused")
-    page.get_by_role("button", name="Resume").first.click()
-    dialog = page.get_by_role("dialog")
-    dialog.get_by_text("reviewer", exact=False).first.wait_for()
-    shot(page, "5-approval-form")
-    decision = dialog.locator("button.p-select-button__control").first  # approve | reject, chosen with the keyboard
-    decision.focus()
-    for key in ("ArrowDown", "Enter"):  # the list opens on the first key and takes its time to render
-        page.keyboard.press(key)
-        page.wait_for_timeout(700)
-    assert decision.inner_text().strip() == "approve"
-    dialog.get_by_role("textbox").first.fill("alice")
-    shot(page, "6-approval-filled")
-    dialog.get_by_role("button", name="Submit").click()
+    for attempt, secret in (("wrong", "ftpipe_guessed"), ("right", token)):
+        page.get_by_role("button", name="Resume").first.click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("Reviewers: alice", exact=False).first.wait_for()  # the form's description
+        shot(page, f"5-approval-form-{attempt}")
+        decision = dialog.locator("button.p-select-button__control").first  # approve | reject, chosen with the keyboard
+        decision.focus()
+        for key in ("ArrowDown", "Enter"):  # the list opens on the first key and takes its time to render
+            page.keyboard.press(key)
+            page.wait_for_timeout(700)
+        assert decision.inner_text().strip() == "approve"
+        dialog.get_by_role("textbox").first.fill("alice")
+        dialog.locator("input[type=password]").first.fill(secret)
+        shot(page, f"6-approval-filled-{attempt}")
+        dialog.get_by_role("button", name="Submit").click()
+        if attempt == "wrong":
+            deadline = time.monotonic() + 120
+            while api("GET", f"{url}/flow_runs/{run_id}")["state"]["state_details"].get("pause_key") in (None, "decision-1"):
+                assert time.monotonic() < deadline, "the run did not pause again after refusing the wrong token"
+                time.sleep(1)
+            page.reload()
+            wait_for_text(page, "Paused", 60, "6b-paused-again")
     wait_for_text(page, "Completed", 300, "7-approved")
     shot(page, "7-approved")
     assert wait_for(url, run_id, timeout=60)["state"]["type"] == "COMPLETED"
+    from serving.registry import Registry
+
+    registry = Registry(out / "registry")
+    assert registry.aliases("reviewed").get("production") == "1"
+    assert [e.event for e in registry.events("reviewed") if e.event.startswith("decision")] == ["decision_refused", "decision"]

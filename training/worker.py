@@ -140,7 +140,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
                         "model_wrapper": type(trainer.model_wrapped).__name__,
                         "replica_max_difference": replicas,
                         "process_group": _process_group_backend()},
-        "resumed_from": checkpoint,
+        "resumed_from": Path(checkpoint).name if checkpoint else None,  # a name: rotation deletes the folder later
         "resumed_at_step": resumed_step,
         "packing_isolation_max_logit_diff": packing_difference,
         "wandb": finish_run(wandb_run),
@@ -166,6 +166,18 @@ def save_adapter(trainer, adapter_dir: Path, strategy: str) -> None:
             shutil.rmtree(adapter_dir / REFERENCE_ADAPTER, ignore_errors=True)
     elif trainer.accelerator.is_main_process:
         trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])
+    if trainer.accelerator.is_main_process:
+        canonical_adapter_config(adapter_dir / "adapter_config.json")
+
+
+def canonical_adapter_config(path: Path) -> None:
+    """peft keeps target_modules as a set and writes it in hash order, which differs between processes: sorted, the
+    same adapter gives the same bytes, so an unchanged recipe registers the same version."""
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save"):  # sets in peft; trainable_token_indices' order is meaningful
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _summed_over_processes(trainer, count: int) -> int:

@@ -1,0 +1,1 @@
+"""Governance: promotion policies, reviewer credentials, the hash-chained audit log and its verification."""
