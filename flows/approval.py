@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 
 from governance.runs import RunGovernance
 
@@ -75,6 +75,12 @@ def wait_for_decision(governance: RunGovernance, request_markdown: str, form_des
                                     poll_interval=max(1, min(5, math.ceil(remaining / 4))))
         except FlowPauseTimeout:
             break
+        except ValidationError as exc:  # the server checks answers against the form's schema; this is a second line
+            _forget_answer(key)
+            why = f"a malformed answer ({exc.error_count()} problem(s): {exc.errors()[0]['loc']})"
+            record("decision_refused", "unknown", {"claimed_reviewer": None, "decision": None, "reason": why})
+            _tell_sender(key, {"accepted": False, "reason": why})
+            continue
         _forget_answer(key)
         reviewer, why = governance.authenticate(answer.reviewer, answer.token.get_secret_value(), submitter)
         if reviewer is not None and reviewer.name in {a["reviewer"] for a in approvers}:

@@ -16,7 +16,7 @@ from flows.cli_registry import add_commands as add_registry_commands, registry_e
 from recipes import RECIPES_DIR, Recipe, RecipeError, load_recipe, recipe_path
 
 GPU_CHOICES = ("h100", "a100-80g", "l4")  # training.estimate.GPUS, named here so the parser stays import-light
-STAGE_LOGGERS = "data_prep,training,evaluation,serving"
+STAGE_LOGGERS = "data_prep,training,evaluation,serving,governance,flows.caching,flows.runlock"
 SMOKE_SUITE = RECIPES_DIR / "data" / "support_tickets_heldout.jsonl"
 
 EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_FAILED = 0, 1, 2, 3

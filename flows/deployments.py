@@ -12,7 +12,7 @@ from flows.finetune import GPU_LIMIT, finetune, prepare
 
 FLOWS: dict[str, Flow] = {"finetune": finetune, "prepare": prepare, "compare-models": compare_models}
 DESCRIPTIONS = {
-    "finetune": "Recipe -> data -> LoRA/QLoRA -> evaluation gates -> vLLM-ready artifact -> registry; pauses for approval when the recipe asks.",
+    "finetune": "Recipe -> data -> LoRA/QLoRA -> evaluation gates -> vLLM-ready artifact -> registry; pauses for approval when the recipe or the model's registry policy asks.",
     "prepare": "The data stage alone: validation, quarantine, cleaning, de-duplication, split and report.",
     "compare-models": "One recipe over several base models: a leaderboard with deltas against production, training time and "
                       "cost; the best by the recipe's objective can go on to gates, export and approval.",

@@ -55,18 +55,26 @@ def new_entry(previous: Entry | None, event: str, by: str, data: dict) -> Entry:
     return Entry(**body, hash=entry_hash(body))
 
 
+def line_of(entry: Entry) -> bytes:
+    return json.dumps(entry.to_dict(), sort_keys=True, ensure_ascii=False).encode() + b"\n"
+
+
 def serialise(entries: list[Entry]) -> bytes:
-    return "".join(json.dumps(e.to_dict(), sort_keys=True, ensure_ascii=False) + "\n" for e in entries).encode()
+    return b"".join(line_of(e) for e in entries)
 
 
 def parse(payload: bytes, where: str) -> tuple[list[Entry], list[str]]:
-    """The entries up to the first broken one, and the problems found (empty when the whole chain verifies)."""
+    """The entries up to the first broken one, and the problems found (empty when the whole chain verifies). A line
+    must be exactly the entry's own serialisation, so no byte of the file can change unnoticed (whitespace included)."""
     entries: list[Entry] = []
     previous_hash = GENESIS
-    for number, line in enumerate(payload.decode("utf-8", errors="replace").splitlines(), start=1):
+    lines = payload.split(b"\n")
+    for number, line in enumerate(lines[:-1] + ([lines[-1]] if lines[-1] else []), start=1):
         try:
             body = json.loads(line)
             entry = Entry(**{k: body[k] for k in ("seq", "at", "event", "by", "data", "prev", "hash")})
+            if line_of(entry) != line + b"\n" or (number == len(lines) and lines[-1]):
+                raise ValueError("not in canonical form, or no final newline")
         except (ValueError, KeyError, TypeError):
             return entries, [f"{where} line {number}: not an audit entry (truncated or edited); the entries before it verify"]
         label = f"{where} entry {number} ({entry.event} at {entry.at})"

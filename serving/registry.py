@@ -296,7 +296,7 @@ class Registry:
         except FileNotFoundError:
             return None
         except ValueError:
-            raise RegistryError(f"{url}/{MARKER} is not JSON (edited or truncated); `ftpipe registry verify {model}`") from None
+            record = {}  # edited or truncated: version_problems() names it, and nothing moves to it
         return Version(model=model, version=version, url=url, record=record)
 
     def _read_json(self, url: str) -> dict:

@@ -87,7 +87,11 @@ def test_forged_answers_are_refused_and_recorded_then_a_credentialed_reviewer_pr
         run_id, key = paused_run(url, tmp_path, run, after_key=key)  # it pauses again, waiting
     no_token = approve(env, run_id, "--reviewer", "alice")
     assert no_token.returncode == 2 and "no reviewer token" in no_token.stderr
-    # straight to the REST API as the UI form would send it: a typed name and a guessed token
+    # straight to the REST API as the UI form would send it: no token at all (the form's schema refuses it) ...
+    response = api_response("POST", f"{url}/flow_runs/{run_id}/resume", json={"run_input": {"decision": "approve", "reviewer": "alice"}})
+    assert response.is_success and response.json()["status"] == "REJECT" and "token" in response.text, response.text
+    assert state_name(url, run_id) == "Paused"
+    # ... and a typed name with a guessed token (the run refuses it)
     response = api_response("POST", f"{url}/flow_runs/{run_id}/resume",
                             json={"run_input": {"decision": "approve", "reviewer": "alice", "token": "ftpipe_guess"}})
     assert response.is_success and response.json()["status"] == "ACCEPT", response.text

@@ -63,6 +63,31 @@ def test_every_kind_of_edit_to_the_log_breaks_the_chain_at_that_entry(tmp_path):
     assert registry.verify("tickets") == []
 
 
+def test_no_single_byte_of_the_log_or_a_version_record_changes_unnoticed(tmp_path):
+    """Every byte of audit.jsonl, registered.json and manifest.json flipped in turn (whitespace and newlines too:
+    a vertical tab for a newline once slipped through a line splitter), and the log cut short: each is found."""
+    registry = Registry(tmp_path / "registry")
+    register(registry, tmp_path / "a", "a", APPROVED)
+    folder = tmp_path / "registry" / "tickets"
+    for path in (folder / "audit.jsonl", folder / "1" / "registered.json", folder / "1" / "manifest.json"):
+        original = path.read_bytes()
+        unnoticed = []
+        for bit in (0x01, 0x20):
+            for i in range(len(original)):
+                changed = bytearray(original)
+                changed[i] ^= bit
+                path.write_bytes(bytes(changed))
+                if not registry.verify("tickets"):
+                    unnoticed.append((i, bit))
+        for cut in (1, 2, len(original) // 2):
+            path.write_bytes(original[:-cut])
+            if not registry.verify("tickets"):
+                unnoticed.append(("cut", cut))
+        path.write_bytes(original)
+        assert unnoticed == [], (path.name, unnoticed[:5])
+    assert registry.verify("tickets") == []
+
+
 def test_a_rewritten_log_is_caught_by_the_head_an_auditor_noted(tmp_path):
     registry = Registry(tmp_path / "registry")
     register(registry, tmp_path / "a", "a", APPROVED)
@@ -279,3 +304,17 @@ def test_the_policy_command_sets_shows_rotates_and_logs(tmp_path):
     assert (policy.require_approval, policy.approvals, [g.metric for g in policy.gates]) == (True, 2, ["exact_match"])
     entries = [e for e in Registry(uri).events("quickstart") if e.event == "policy"]
     assert len(entries) == 2 and entries[0].data["reason"] == "go-live" and entries[0].by == local_login()
+
+
+def test_a_listing_cut_short_by_its_reader_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    registry = Registry(tmp_path / "registry")
+    for tag in "abcdefgh":
+        register(registry, tmp_path / tag, tag, APPROVED)
+    for i in range(500):  # a history longer than a pipe's buffer, so the writer is still writing when head leaves
+        registry.append("tickets", "alias", "ci", {"alias": "candidate", "version": "1", "previous": "8", "reason": f"move {i} " + "x" * 80})
+    command = f"{sys.executable} -m flows.cli registry list tickets --registry {tmp_path / 'registry'} | head -1"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("tickets in ") and "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr

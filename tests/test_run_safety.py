@@ -73,14 +73,19 @@ def test_a_killed_run_ends_crashed_frees_its_gpu_slot_and_the_next_run_resumes_a
     for path in leftovers:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"left by a killed run")
-    again = ftpipe_run(env, tmp_path, "--set", "training.max_steps=400", "--set", "training.save_steps=10",
-                       "--set", "training.epochs=1")
+    again = ftpipe_run(env, tmp_path, "--set", "training.max_steps=400", "--set", "training.save_steps=10")
     stdout, stderr = again.communicate(timeout=900)
     assert again.returncode == 0, stderr[-3000:]
     assert "resumed from checkpoint at step" in stderr
     assert not any(p.exists() for p in leftovers) and not (run_dir / ".artifact.staging-4242").exists()
     result = json.loads((run_dir / "training" / "result.json").read_text())
     assert result["resumed_at_step"] >= 10 and result["resumed_from"].startswith("checkpoint-")
+    assert not (run_dir / "training" / "checkpoints" / result["resumed_from"]).exists()  # rotated away since
+    third = ftpipe_run(env, tmp_path, "--set", "training.max_steps=400", "--set", "training.save_steps=10")
+    stdout, stderr = third.communicate(timeout=900)
+    assert third.returncode == 0 and "Finished in state Cached" in stderr.split("Task run 'train", 1)[1].splitlines()[0], \
+        [line for line in stderr.splitlines() if "Task run" in line or "stale" in line or "resumed" in line]
+    assert [v.version for v in Registry(tmp_path / "registry").versions("quickstart")] == ["1"]
 
 
 def test_a_rerun_over_a_corrupted_artifact_exports_again_and_keeps_the_same_version(server, tmp_path):
@@ -100,6 +105,10 @@ def test_a_rerun_over_a_corrupted_artifact_exports_again_and_keeps_the_same_vers
     assert registry.verify("quickstart") == [] and registry.aliases("quickstart")["production"] == "1"
     assert subprocess.run([sys.executable, "-m", "flows.cli", "check-artifact", str(artifact)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300).returncode == 0
+    forced = ftpipe_run(env, tmp_path, "--force")  # every stage again, training too: the same bytes, the same version
+    stdout, stderr = forced.communicate(timeout=900)
+    assert forced.returncode == 0, stderr[-3000:]
+    assert [v.version for v in registry.versions("quickstart")] == ["1"]
 
 
 def _hold_lock(folder: str, seconds: float) -> None:

@@ -207,3 +207,21 @@ def test_continued_pretraining_on_text_rows_and_whole_conversation_loss(prepared
     assert whole["trained_token_fraction"] > 0.95
     assistant_only = run_training(prepared_small, tmp_path / "assistant", max_steps=1).metrics
     assert assistant_only["trained_token_fraction"] < 0.3
+
+
+def test_the_adapter_config_is_written_the_same_whatever_the_set_order(tmp_path):
+    """peft writes target_modules from a set, in an order that differs between processes: an unchanged recipe must
+    still give the same bytes (and so the same registry version)."""
+    from training.worker import canonical_adapter_config
+
+    texts = []
+    for order in (["v_proj", "q_proj", "k_proj"], ["k_proj", "v_proj", "q_proj"]):
+        path = tmp_path / f"{order[0]}.json"
+        path.write_text(json.dumps({"target_modules": order, "r": 8, "modules_to_save": ["lm_head", "embed_tokens"],
+                                    "trainable_token_indices": {"embed_tokens": [7, 3]}}))
+        canonical_adapter_config(path)
+        texts.append(path.read_text())
+    assert texts[0] == texts[1]
+    config = json.loads(texts[0])
+    assert config["target_modules"] == ["k_proj", "q_proj", "v_proj"] and config["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert config["trainable_token_indices"] == {"embed_tokens": [7, 3]}  # an order that means something stays

@@ -117,8 +117,8 @@ def test_a_reviewer_resumes_a_paused_run_with_the_approval_form(page, tmp_path):
             page.keyboard.press(key)
             page.wait_for_timeout(700)
         assert decision.inner_text().strip() == "approve"
-        dialog.get_by_role("textbox").first.fill("alice")
-        dialog.locator("input[type=password]").first.fill(secret)
+        dialog.get_by_role("textbox").nth(0).fill("alice")  # reviewer, token, comment: the form's text fields in order
+        dialog.get_by_role("textbox").nth(1).fill(secret)
         shot(page, f"6-approval-filled-{attempt}")
         dialog.get_by_role("button", name="Submit").click()
         if attempt == "wrong":
