@@ -142,13 +142,15 @@ def _policy(args) -> int:
         for reviewer in current.reviewers:
             print(f"  reviewer {reviewer.name} (credential {reviewer.credential_id}, login {reviewer.login or reviewer.name})")
         return EXIT_OK
+    if bad := [item for item in args.logins if "=" not in item]:
+        return refused(ValueError(f"--login {bad[0]!r}: write NAME=LOGIN"))
     try:
-        logins = dict(item.split("=", 1) for item in args.logins)
         gates = [] if args.no_gates else ([parse_gate(g) for g in args.gates] if args.gates else None)
         policy, issued = with_changes(current, require_approval=args.require_approval, approvals=args.approvals,
-                                      reviewers=args.reviewers, new_tokens=args.new_tokens, gates=gates, logins=logins)
+                                      reviewers=args.reviewers, new_tokens=args.new_tokens, gates=gates,
+                                      logins=dict(item.split("=", 1) for item in args.logins))
     except ValueError as exc:
-        return refused(exc if "=" in str(exc) or not args.logins else ValueError(f"--login: write NAME=LOGIN ({exc})"))
+        return refused(exc)
     entry = registry.set_policy(args.model, policy, by=local_login(), reason=args.reason)
     print(f"{args.model} in {registry.uri}: {policy.describe()} (audit entry {entry.seq}, {entry.hash[:16]})")
     for name, token in issued.items():

@@ -107,6 +107,8 @@ def with_changes(current: Policy, *, require_approval: bool | None = None, appro
     listed reviewers who had one keep it; reviewers left out of `reviewers` lose theirs."""
     issued: dict[str, str] = {}
     names = reviewers if reviewers is not None else [r.name for r in current.reviewers]
+    if bad := [n for n in names if not re.match(NAME, n)]:
+        raise ValueError(f"--reviewer {bad[0]!r}: a name of letters, digits, . _ @ -, starting with a letter or digit")
     unknown = [n for n in new_tokens if n not in names]
     if unknown:
         raise ValueError(f"--new-token {unknown[0]}: not a reviewer of this policy (reviewers: {', '.join(names) or 'none'})")
@@ -121,10 +123,12 @@ def with_changes(current: Policy, *, require_approval: bool | None = None, appro
         kept.append(reviewer)
     try:
         policy = Policy(require_approval=current.require_approval if require_approval is None else require_approval,
-                        approvals=approvals or current.approvals, reviewers=kept,
+                        approvals=current.approvals if approvals is None else approvals, reviewers=kept,
                         gates=current.gates if gates is None else gates)
     except ValidationError as exc:
-        raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise ValueError((f"--{where}: " if where else "") + error["msg"].removeprefix("Value error, ")) from None
     return policy, issued
 
 

@@ -37,7 +37,22 @@ def check_artifact(root: Path) -> list[str]:
     if manifest["adapter"]["included"]:
         problems += [f"adapter/{name}: missing" for name in ADAPTER_FILES if not (root / "adapter" / name).is_file()]
     problems += [f"{name}: missing (launch file)" for name in manifest["serving"].get("files", []) if not (root / name).is_file()]
-    return problems
+    return problems + registration_problems(root)
+
+
+def registration_problems(root: Path) -> list[str]:
+    """For a registry version folder (<registry>/<model>/<version>/ with registered.json): what changed since its
+    registration, by the model's audit log (the manifest does not list itself, so its own checksums cannot tell)."""
+    from governance.audit import AuditError
+    from serving.registry import MARKER, Registry, RegistryError
+
+    if not (root / MARKER).is_file():
+        return []
+    registry = Registry(root.resolve().parent.parent)
+    try:
+        return registry.version_problems(registry.version(root.resolve().parent.name, root.resolve().name))
+    except (RegistryError, AuditError) as exc:
+        return [f"registration: {exc}"]
 
 
 def check_checksums(root: Path, expected: dict[str, str]) -> list[str]:

@@ -293,6 +293,10 @@ def test_the_policy_command_sets_shows_rotates_and_logs(tmp_path):
     assert bad_gate.returncode == 2 and "--gate 'exact_match>>1': write METRIC>=VALUE" in bad_gate.stderr
     unknown = run_ftpipe("registry", "policy", "quickstart", "--gate", "speed>=1", "--registry", uri)
     assert unknown.returncode == 2 and "unknown metric 'speed'" in unknown.stderr
+    for args, error in ((["--reviewer", "../x"], "--reviewer '../x': a name of letters"), (["--approvals", "0"], "--approvals: Input should be"),
+                        (["--login", "alice"], "--login 'alice': write NAME=LOGIN"), (["--new-token", "carol"], "--new-token carol: not a reviewer")):
+        result = run_ftpipe("registry", "policy", "quickstart", *args, "--registry", uri)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: {error}"), result.stderr
     made = run_ftpipe("registry", "policy", "quickstart", "--require-approval", "--reviewer", "alice", "--reviewer", "bob",
                       "--approvals", "2", "--gate", "exact_match>=0.9", "--reason", "go-live", "--registry", uri)
     assert made.returncode == 0, made.stderr
@@ -318,3 +322,18 @@ def test_a_listing_cut_short_by_its_reader_ends_quietly(tmp_path):
     command = f"{sys.executable} -m flows.cli registry list tickets --registry {tmp_path / 'registry'} | head -1"
     result = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.startswith("tickets in ") and "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+def test_check_artifact_on_a_registry_version_finds_a_manifest_edited_after_registration(artifact, tmp_path):
+    """The issue's case: an approval written into a registered manifest left `check-artifact` passing."""
+    from serving.checks import check_artifact
+
+    registry = Registry(tmp_path / "registry")
+    version = registry.register("quickstart", artifact.path, by="ci")
+    folder = Path(version.url)
+    assert check_artifact(folder) == []
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "approval": {"decision": "approved", "promoted": True}}))
+    assert check_artifact(folder) == [f"quickstart version 1: manifest.json changed since registration (SHA-256 differs from "
+                                      f"audit entry {registry.events('quickstart')[0].seq})"]
+    assert check_artifact(Path(artifact.path)) == []  # the run folder's artifact is not a registry version

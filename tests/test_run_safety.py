@@ -51,7 +51,7 @@ def test_a_killed_run_ends_crashed_frees_its_gpu_slot_and_the_next_run_resumes_a
     url, env = server
     response = api_response("POST", f"{url}/v2/concurrency_limits/", json={"name": "gpu", "limit": 1})
     assert response.is_success or response.status_code == 409, response.text
-    run = ftpipe_run(env, tmp_path, "--set", "training.max_steps=400", "--set", "training.save_steps=10")
+    run = ftpipe_run(env, tmp_path, "--set", "training.max_steps=60", "--set", "training.save_steps=10")
     deadline = time.monotonic() + 600
     checkpoints = tmp_path.glob("quickstart-*/training/checkpoints/checkpoint-*")
     while not any(p.name.endswith(("-10", "-20")) for p in checkpoints) or gpu_slots(url) != 1:
@@ -73,7 +73,7 @@ def test_a_killed_run_ends_crashed_frees_its_gpu_slot_and_the_next_run_resumes_a
     for path in leftovers:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"left by a killed run")
-    again = ftpipe_run(env, tmp_path, "--set", "training.max_steps=400", "--set", "training.save_steps=10")
+    again = ftpipe_run(env, tmp_path, "--set", "training.max_steps=60", "--set", "training.save_steps=10")
     stdout, stderr = again.communicate(timeout=900)
     assert again.returncode == 0, stderr[-3000:]
     assert "resumed from checkpoint at step" in stderr
@@ -81,7 +81,7 @@ def test_a_killed_run_ends_crashed_frees_its_gpu_slot_and_the_next_run_resumes_a
     result = json.loads((run_dir / "training" / "result.json").read_text())
     assert result["resumed_at_step"] >= 10 and result["resumed_from"].startswith("checkpoint-")
     assert not (run_dir / "training" / "checkpoints" / result["resumed_from"]).exists()  # rotated away since
-    third = ftpipe_run(env, tmp_path, "--set", "training.max_steps=400", "--set", "training.save_steps=10")
+    third = ftpipe_run(env, tmp_path, "--set", "training.max_steps=60", "--set", "training.save_steps=10")
     stdout, stderr = third.communicate(timeout=900)
     assert third.returncode == 0 and "Finished in state Cached" in stderr.split("Task run 'train", 1)[1].splitlines()[0], \
         [line for line in stderr.splitlines() if "Task run" in line or "stale" in line or "resumed" in line]
