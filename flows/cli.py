@@ -181,13 +181,15 @@ def _estimate(args) -> int:
 
     from data_prep.prepare import prepare_data
     from flows.finetune import run_folder
+    from flows.runlock import run_folder_lock
     from training.estimate import GPUS, estimate
     from training.train import filter_for_model, resolve_base_for
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # stage logs to the terminal, not to Prefect
     recipe = _load(args)
     gpu = GPUS[args.gpu] if args.usd_per_hour is None else replace(GPUS[args.gpu], usd_per_hour=args.usd_per_hour)
-    data = prepare_data(recipe.data, run_folder(recipe, args.output_dir) / "data")
+    with run_folder_lock(run_folder(recipe, args.output_dir), "ftpipe estimate"):
+        data = prepare_data(recipe.data, run_folder(recipe, args.output_dir) / "data")
     base = resolve_base_for(recipe.model, data)
     data = filter_for_model(data, recipe.data, recipe.model, recipe.training, base)
     config = AutoConfig.from_pretrained(base.path, revision=base.revision, trust_remote_code=recipe.model.trust_remote_code)

@@ -70,17 +70,29 @@ def recipe_for_base(recipe: Recipe, base: str) -> Recipe:
 
 def _prepare_once(recipe: Recipe, output_dir: str) -> None:
     """The shared data stage, before any subflow: each finds it in the cache instead of preparing it again."""
-    prepare_data_task(recipe, run_folder(recipe, output_dir), source_fingerprint(recipe.data))
+    run_dir = run_folder(recipe, output_dir)
+    with run_folder_lock(run_dir, "compare-models data stage"):
+        prepare_data_task(recipe, run_dir, source_fingerprint(recipe.data))
 
 
 def _run_candidates(recipes: dict[str, Recipe], output_dir: str, champion: Champion | None, parallel: int) -> list[dict]:
     if parallel == 1:
         return [compare_candidate(r, base, output_dir, champion) for base, r in recipes.items()]
+    _import_model_libraries()
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="compare") as pool:
         # each thread carries this flow's context, so the candidates are its subflows
         futures = [pool.submit(contextvars.copy_context().run, compare_candidate, r, base, output_dir, champion)
                    for base, r in recipes.items()]
         return [future.result() for future in futures]
+
+
+def _import_model_libraries() -> None:
+    """Resolve transformers' and peft's lazily imported names once, before candidate threads do it at the same time:
+    transformers' lazy module can answer a concurrent first `from transformers import AutoConfig` with ImportError
+    (seen in the compare-models deployment test)."""
+    import peft  # noqa: F401
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast,  # noqa: F401
+                              Trainer, TrainerCallback, set_seed)
 
 
 @flow(name="compare-candidate", flow_run_name="{base}", persist_result=True, validate_parameters=False)

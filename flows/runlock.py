@@ -1,6 +1,7 @@
 """One run at a time per run folder: a second run of the same recipe into the same output folder waits for the
-first (then finds its stages in the cache) instead of racing it over the same files. Holding the lock also makes it
-safe to remove what killed runs left in the folder (staging folders, dedup signature spills, temporary files)."""
+first (then finds its stages in the cache) instead of racing it over the same files. Everything that prepares data
+or exports into a folder holds its lock, so holding it also makes it safe to remove what killed runs left there
+(export staging folders, dedup signature spills)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".run.lock"
-LEFTOVERS = (".artifact.staging-*", ".artifact.old-*", "data/**/.signatures-*.bin", "**/.*.tmp")
+# Only what the folder's lock holder alone writes: export's staging, the data stage's dedup spill. Not the `.tmp` of
+# atomic writes: a run holding another folder's lock may be writing one here (a model's token-filtered copy of data
+# it shares through the cache), and an orphaned one is a small hidden file that nothing reads.
+LEFTOVERS = (".artifact.staging-*", ".artifact.old-*", "data/**/.signatures-*.bin")
 WAIT_LOG_S = 60  # how often a waiting run says again who it waits for
 
 
