@@ -105,7 +105,7 @@ def _message_list(messages: Any, field: str, role_key: str = "role", content_key
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or role_key not in message or content_key not in message:
             raise RowError(f"{field}[{i}] must be an object with {role_key} and {content_key}")
-        extra = set(message) - {role_key, content_key, "name", "weight"}
+        extra = set(message) - {role_key, content_key, "name", "weight", *REASONING_KEYS}
         if extra:
             raise RowError(f"{field}[{i}] has unsupported keys: {', '.join(sorted(map(str, extra)))}")
         role = message[role_key]
@@ -113,8 +113,25 @@ def _message_list(messages: Any, field: str, role_key: str = "role", content_key
             if role not in roles:
                 raise RowError(f"{field}[{i}].{role_key} {role!r} is not one of {', '.join(roles)}")
             role = roles[role]
-        out.append({"role": role, "content": _text(message[content_key], f"{field}[{i}].{content_key}")})
+        out.append(_with_reasoning({"role": role, "content": _text(message[content_key], f"{field}[{i}].{content_key}")},
+                                   message, f"{field}[{i}]"))
     return out
+
+
+REASONING_KEYS = ("reasoning_content", "reasoning")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # as vLLM and OpenAI-compatible APIs return an answer's reasoning
+
+
+def _with_reasoning(out: dict, message: dict, field: str) -> dict:
+    """An assistant message's reasoning in `reasoning_content`, given as a field or as `<think>...</think>` in the content."""
+    given = [k for k in REASONING_KEYS if message.get(k) is not None]
+    if given and out["role"] != "assistant":
+        raise RowError(f"{field}.{given[0]}: only assistant messages carry reasoning")
+    if len(given) > 1:
+        raise RowError(f"{field}: give the reasoning once, as reasoning_content or reasoning, not both")
+    if given:
+        out["reasoning_content"] = _text(message[given[0]], f"{field}.{given[0]}")
+    return canonical_messages([out])[0] if out["role"] == "assistant" else out
 
 
 def _from_chat(record: dict) -> dict:
@@ -204,15 +221,42 @@ def row_texts(row: dict) -> list[str]:
     """Every text field of a canonical row, in order."""
     if "text" in row:
         return [row["text"]]
-    if "messages" in row:
-        return [m["content"] for m in row["messages"]]
-    return [m["content"] for m in row["prompt"] + row["chosen"] + row["rejected"]]
+    messages = row["messages"] if "messages" in row else row["prompt"] + row["chosen"] + row["rejected"]
+    return [text for m in messages for text in (m.get("reasoning_content"), m["content"]) if text]
 
 
 def map_texts(row: dict, fn) -> dict:
     """The same row with fn applied to every text field."""
     if "text" in row:
         return {"text": fn(row["text"])}
+    def mapped(m: dict) -> dict:
+        return {**m, "content": fn(m["content"]), **({"reasoning_content": fn(m["reasoning_content"])} if "reasoning_content" in m else {})}
+
     if "messages" in row:
-        return {"messages": [{**m, "content": fn(m["content"])} for m in row["messages"]]}
-    return {key: [{**m, "content": fn(m["content"])} for m in row[key]] for key in ("prompt", "chosen", "rejected")}
+        return {"messages": [mapped(m) for m in row["messages"]]}
+    return {key: [mapped(m) for m in row[key]] for key in ("prompt", "chosen", "rejected")}
+
+
+def split_reasoning(text: str, opened: bool = False) -> tuple[str, str]:
+    """(reasoning, answer) of an assistant text, as vLLM's reasoning parsers split it: what precedes `</think>`
+    is reasoning. opened: the prompt already opened `<think>` (DeepSeek-R1), so an unclosed text is all reasoning."""
+    if THINK_CLOSE in text:
+        before, _, after = text.partition(THINK_CLOSE)
+        return before.replace(THINK_OPEN, "", 1).strip("\n"), after.lstrip("\n")
+    if text.lstrip().startswith(THINK_OPEN) or opened:
+        return text.replace(THINK_OPEN, "", 1).strip("\n"), ""
+    return "", text
+
+
+def canonical_messages(messages: list[dict]) -> list[dict]:
+    """Assistant reasoning in one place, `reasoning_content` (as vLLM and OpenAI-compatible APIs return it),
+    whether it came that way or as `<think>...</think>` inside the content."""
+    out = []
+    for message in messages:
+        if message.get("role") == "assistant" and not message.get("reasoning_content") and THINK_CLOSE in (message.get("content") or ""):
+            reasoning, answer = split_reasoning(message["content"])
+            message = {**message, "content": answer, "reasoning_content": reasoning}
+        if "reasoning_content" in message and not message["reasoning_content"]:
+            message = {k: v for k, v in message.items() if k != "reasoning_content"}
+        out.append(message)
+    return out

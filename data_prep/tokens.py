@@ -25,29 +25,42 @@ log = logging.getLogger(__name__)
 BATCH = 256
 
 
+def example_lengths(tokenizer, row: dict) -> list[int]:
+    """Tokens of each training example a canonical row becomes (chat template applied to conversations; a template
+    that rewrites history makes one example per assistant turn; a preference row's chosen and rejected sequences)."""
+    from training.tokenize import encode_chat, encode_conversation, ids_of
+
+    if "text" in row:
+        return [len(ids_of(tokenizer, row["text"]))]
+    if "messages" in row:
+        return [len(e.input_ids) for e in encode_conversation(tokenizer, row["messages"])]
+    return [len(encode_chat(tokenizer, row["prompt"] + row[k]).input_ids) for k in ("chosen", "rejected")]
+
+
 def token_length(tokenizer, row: dict) -> int:
-    """Tokens the model sees for a canonical row (chat template applied to conversations)."""
-    return token_lengths(tokenizer, [row])[0]
+    """Tokens of the longest sequence the model sees for a canonical row: what max_tokens limits."""
+    return max(example_lengths(tokenizer, row))
 
 
-def token_lengths(tokenizer, rows: list[dict]) -> list[int]:
-    texts = []
+def token_lengths(tokenizer, rows: list[dict]) -> list[list[int] | str]:
+    """Each row's example_lengths, or why the chat template cannot render it (a reason, never a crash of the stage)."""
+    from jinja2 import TemplateError
+
+    from training.tokenize import MaskingError
+
+    out: list[list[int] | str] = []
     for row in rows:
-        if "text" in row:
-            texts.append([row["text"]])
-        elif "messages" in row:
-            texts.append([tokenizer.apply_chat_template(row["messages"], tokenize=False)])
-        else:
-            texts.append([tokenizer.apply_chat_template(row["prompt"] + row[k], tokenize=False) for k in ("chosen", "rejected")])
-    flat = [t for group in texts for t in group]
-    counts = iter(len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"])
-    return [max(next(counts) for _ in group) for group in texts]
+        try:
+            out.append(example_lengths(tokenizer, row))
+        except (MaskingError, TemplateError) as exc:
+            out.append(f"the chat template cannot render this row: {exc}")
+    return out
 
 
 def filter_token_lengths(data: PreparedData, section: DataSection, tokenizer, max_tokens: int, tokenizer_id: str) -> PreparedData:
     """Remove rows under min_tokens; drop (or keep for truncation) rows over max_tokens; record the lengths.
     Filtering the same data with the same tokenizer and limits again is a no-op."""
-    key = f"{data.cache_key}|{tokenizer_id}|{section.min_tokens}|{max_tokens}|{section.overlong}|3"
+    key = f"{data.cache_key}|{tokenizer_id}|{section.min_tokens}|{max_tokens}|{section.overlong}|4"
     if data.token_lengths.get("key") == key:
         return data
     out_dir = Path(data.train_path).parent / f"for-model-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -55,13 +68,16 @@ def filter_token_lengths(data: PreparedData, section: DataSection, tokenizer, ma
     stats: dict = {"key": key, "min_tokens": section.min_tokens, "max_tokens": max_tokens, "overlong": section.overlong}
     too_long: list[dict] = []
     lengths: list[int] = []
+    examples: list[int] = []  # every training example's length (several per row where the template rewrites history)
     for split, path in (("train", Path(data.train_path)), ("eval", Path(data.eval_path))):
-        kept, short, long_, truncated = _filter_file(path, out_dir / path.name, tokenizer, section, max_tokens, split, too_long,
-                                                     lengths if split == "train" else None)
-        stats[split] = {"kept": kept, "removed_too_short": short, "removed_too_long": long_, "kept_over_max_for_truncation": truncated}
+        kept, short, long_, truncated, unrenderable = _filter_file(path, out_dir / path.name, tokenizer, section, max_tokens, split,
+                                                                   too_long, (lengths, examples) if split == "train" else None)
+        stats[split] = {"kept": kept, "removed_too_short": short, "removed_too_long": long_, "kept_over_max_for_truncation": truncated,
+                        "removed_unrenderable": unrenderable}
     atomic_write_text(out_dir / "too_long.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in too_long))
     stats["train_percentiles"] = percentiles(lengths)
-    stats["train_tokens"] = sum(lengths)
+    stats["train_tokens"] = sum(examples)
+    stats["train_examples"] = len(examples)
     stats["histogram"] = str(out_dir / "token_lengths.png") if lengths else None
     if lengths:
         draw_histogram(lengths, max_tokens, out_dir / "token_lengths.png")
@@ -77,15 +93,21 @@ def filter_token_lengths(data: PreparedData, section: DataSection, tokenizer, ma
 
 
 def _filter_file(path: Path, target: Path, tokenizer, section: DataSection, max_tokens: int, split: str, too_long: list,
-                 lengths: list | None):
-    kept = short = long_ = truncated = 0
+                 lengths: tuple[list, list] | None):
+    """Filter one split; `lengths` collects (each kept row's longest sequence, each kept example's length)."""
+    kept = short = long_ = truncated = unrenderable = 0
     handle, staged = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".filtering")  # a name of its own per writer
     with path.open(encoding="utf-8") as src, os.fdopen(handle, "w", encoding="utf-8") as dst:
         number = 0
         while batch := [line for _, line in zip(range(BATCH), src)]:
             rows = [json.loads(line) for line in batch]
-            for line, n in zip(batch, token_lengths(tokenizer, rows), strict=True):
+            for line, measured in zip(batch, token_lengths(tokenizer, rows), strict=True):
                 number += 1
+                if isinstance(measured, str):
+                    unrenderable += 1
+                    too_long.append({"split": split, "row": number, "reason": measured})
+                    continue
+                n = max(measured)
                 if n < section.min_tokens:
                     short += 1
                     continue
@@ -97,10 +119,11 @@ def _filter_file(path: Path, target: Path, tokenizer, section: DataSection, max_
                     truncated += 1
                 kept += 1
                 if lengths is not None:
-                    lengths.append(n)
+                    lengths[0].append(n)
+                    lengths[1].extend(measured)
                 dst.write(line)
     os.replace(staged, target)
-    return kept, short, long_, truncated
+    return kept, short, long_, truncated, unrenderable
 
 
 def percentiles(lengths: list[int]) -> dict[str, int]:

@@ -68,10 +68,18 @@ class EvalResult:
 class SuiteScores:
     """One model on one suite: its answers, per-example scores, and the suite's metrics."""
 
-    outputs: list[str]
+    outputs: list[str]  # answers, reasoning stripped (as vLLM's reasoning parser returns `content`)
     per_example: list[dict[str, float]]
     metrics: dict[str, float]
     margins: list[float]
+    reasoning_tokens: list[int] = field(default_factory=list)  # per answer, tokens of the reasoning before it
+
+    def reasoning_summary(self) -> dict | None:
+        if not any(self.reasoning_tokens):
+            return None
+        counts = self.reasoning_tokens
+        return {"answers_with_reasoning": sum(1 for n in counts if n), "mean_tokens": round(sum(counts) / len(counts), 1),
+                "max_tokens": max(counts)}
 
 
 @dataclass
@@ -101,10 +109,11 @@ def score_base_and_candidate(section: EvaluationSection, model_section: ModelSec
     """The base model and the candidate on the same rows; kept apart from the champion, which changes when another
     version is promoted while these scores stay valid."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
+
+    from training.models import load_saved_tokenizer
 
     suites = _suites(section, data)
-    tokenizer = AutoTokenizer.from_pretrained(trained.adapter_path)  # the tokenizer training used, template included
+    tokenizer = load_saved_tokenizer(trained.adapter_path)  # the tokenizer training used, template and render settings included
     model = load_model(trained.base.path, trained.base.revision, trust_remote_code=model_section.trust_remote_code, tokenizer=tokenizer)
     scores = {"base": score_model(model, tokenizer, section, suites)}
     model = PeftModel.from_pretrained(model, trained.adapter_path).eval()
@@ -155,14 +164,14 @@ def score_model(model, tokenizer, section: EvaluationSection, suites: list[tuple
 
 def _score_champion(champion: Champion, section: EvaluationSection, suites) -> tuple[dict, ModelScores | None]:
     """The production artifact's merged model with its own tokenizer and chat template, on the same rows."""
-    from transformers import AutoTokenizer
+    from training.models import load_saved_tokenizer
 
     model_dir = Path(champion.path) / "model"
     if not (model_dir / "config.json").is_file():
         reason = f"production version {champion.version} has no merged model ({model_dir}); not compared"
         log.warning(reason)
         return {**champion.to_dict(), "evaluated": False, "reason": reason}, None
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_saved_tokenizer(model_dir)
     scores = score_model(load_model(str(model_dir)), tokenizer, section, suites)
     return {**champion.to_dict(), "evaluated": True}, scores
 
@@ -178,7 +187,8 @@ def _write_report(section: EvaluationSection, suites, scores: dict[str, ModelSco
         examples = compare_examples(suite, rows, base.suites[i], candidate.suites[i], champion.suites[i] if champion else None)
         result.outcomes[suite.name] = _tally(examples, "outcome")
         report_suites[suite.name] = {"examples": len(rows), "base": base.suites[i].metrics, "candidate": candidate.suites[i].metrics,
-                                     "outcomes": result.outcomes[suite.name], "per_example": examples}
+                                     "outcomes": result.outcomes[suite.name], "per_example": examples,
+                                     "reasoning": {who: scores.suites[i].reasoning_summary() for who, scores in scores.items()}}
         if champion:
             result.outcomes_vs_champion[suite.name] = _tally(examples, "outcome_vs_champion")
             report_suites[suite.name] |= {"champion": champion.suites[i].metrics, "outcomes_vs_champion": result.outcomes_vs_champion[suite.name]}
@@ -251,10 +261,11 @@ def score_suite(model, tokenizer, suite: EvalSuite, rows: list[dict], section: E
     conversations = [conversation_of(row) for row in rows]
     references = [c[-1]["content"] for c in conversations]
     outputs: list[str] = []
+    reasoning_tokens: list[int] = []
     if any(m in GENERATION for m in suite.metrics):
         generation = section.generation
         outputs = generate(model, tokenizer, conversations, generation.max_new_tokens, batch_size, generation.sampling(), generation.seed,
-                           throughput)
+                           throughput, reasoning_tokens)
     options = MetricOptions(json_schema=suite.check_json_schema() if suite.json_schema is not None else None, regex=suite.regex)
     metrics, per_example = score_outputs(suite.metrics, outputs, references, options) if outputs else ({}, [{} for _ in rows])
     if {"eval_loss", "perplexity"} & set(suite.metrics):
@@ -265,7 +276,8 @@ def score_suite(model, tokenizer, suite: EvalSuite, rows: list[dict], section: E
         margins = preference_margins(model, tokenizer, rows, batch_size)
         metrics.update({k: v for k, v in (("preference_accuracy", sum(m > 0 for m in margins) / len(margins)),
                                           ("preference_margin", sum(margins) / len(margins))) if k in suite.metrics})
-    return SuiteScores(outputs, per_example, {m: metrics[m] for m in suite.metrics}, margins)
+    return SuiteScores(outputs, per_example, {m: metrics[m] for m in suite.metrics}, margins, reasoning_tokens)
+
 
 
 def compare_examples(suite: EvalSuite, rows: list[dict], base: SuiteScores, candidate: SuiteScores,
@@ -282,6 +294,8 @@ def compare_examples(suite: EvalSuite, rows: list[dict], base: SuiteScores, cand
         for who, scores in (("base", base), ("candidate", candidate), ("champion", champion)):
             if scores is not None and scores.outputs:
                 example.update({f"{who}_output": scores.outputs[i], f"{who}_scores": scores.per_example[i]})
+                if scores.reasoning_tokens and scores.reasoning_tokens[i]:
+                    example[f"{who}_reasoning_tokens"] = scores.reasoning_tokens[i]
             if scores is not None and scores.margins:
                 example[f"{who}_preference_margin"] = round(scores.margins[i], 4)
         if base.margins:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 
-from training.tokenize import IGNORE, Encoded, encode_chat, final_turn_only, prompt_ids
+from data_prep.formats import split_reasoning
+from training.tokenize import IGNORE, Encoded, encode_chat, encode_conversation, final_turn_only, ids_of, prompt_ids, reasoning_mode
 
 
 def load_model(path: str, revision: str | None = None, dtype: str | None = None, trust_remote_code: bool = False, tokenizer=None):
@@ -31,10 +32,13 @@ def stop_token_ids(tokenizer, model) -> list[int]:
 
 
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
-             sampling: dict | None = None, seed: int = 0, throughput: dict | None = None) -> list[str]:
+             sampling: dict | None = None, seed: int = 0, throughput: dict | None = None,
+             reasoning_tokens: list[int] | None = None) -> list[str]:
     """Answers to each conversation's final user turn (its last assistant turn is left out): greedy, or sampled
     with `sampling` (generate() keyword arguments) from a fixed seed. Generated tokens and seconds are added to
-    `throughput` when given (the serving-cost projection's measured rate)."""
+    `throughput` when given (the serving-cost projection's measured rate). Answers come without their reasoning
+    (`<think>...</think>`, or all of an unclosed block the template opened), as a server's reasoning parser returns
+    `content`; the reasoning's length in tokens is appended to `reasoning_tokens` when given."""
     import time
 
     import torch
@@ -43,6 +47,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     if sampling.get("do_sample"):
         torch.manual_seed(seed)
     prompts = [prompt_ids(tokenizer, messages) for messages in conversations]
+    opened = reasoning_mode(tokenizer) == "forced"
     stops = stop_token_ids(tokenizer, model)
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -60,13 +65,17 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
             throughput["seconds"] = throughput.get("seconds", 0.0) + time.perf_counter() - started
             throughput["tokens"] = throughput.get("tokens", 0) + int((generated[:, width:] != tokenizer.pad_token_id).sum())
         for row in generated[:, width:]:
-            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            reasoning, answer = split_reasoning(tokenizer.decode(row, skip_special_tokens=True).strip(), opened)
+            outputs.append(answer.strip())
+            if reasoning_tokens is not None:
+                reasoning_tokens.append(len(ids_of(tokenizer, reasoning)) if reasoning else 0)
     return outputs
 
 
 def eval_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> float:
     """Mean negative log-likelihood per assistant token (the tokens training puts a loss on)."""
-    scores = scored_log_probs(model, tokenizer, [encode_chat(tokenizer, messages) for messages in conversations], batch_size)
+    encoded = [e for messages in conversations for e in encode_conversation(tokenizer, messages)]
+    scores = scored_log_probs(model, tokenizer, encoded, batch_size)
     tokens = sum(count for _, count in scores)
     return -sum(total for total, _ in scores) / tokens if tokens else math.nan
 

@@ -137,6 +137,8 @@ def _validate(args) -> int:
         if problems:
             raise RecipeError(problems)
     print(summary(recipe))
+    for line in _template_lines(recipe, config):
+        print(line)
     from training.launch import launch_problems
 
     for problem in launch_problems(recipe.training.distributed):
@@ -147,16 +149,45 @@ def _validate(args) -> int:
     return EXIT_OK
 
 
+def _template_lines(recipe: Recipe, config) -> list[str]:
+    """How the base model's chat template encodes rows (one-pass or per turn) and what it rewrites, said before any
+    work: a local folder's own tokenizer and template, or for a tiny model its family's template."""
+    import tempfile
+
+    from jinja2 import TemplateError
+
+    from recipes.schema import TINY_PREFIX
+    from training.families import family_for
+    from training.models import BaseModelRef, ModelLoadError, load_tokenizer
+    from training.tiny import train_tokenizer
+    from training.tokenize import MaskingError, describe_template
+
+    tiny = recipe.model.base.startswith(TINY_PREFIX)
+    if isinstance(config, str) or not (tiny or Path(recipe.model.base).is_dir()):
+        return []
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = recipe.model.base
+        if tiny:
+            train_tokenizer(family_for(config.model_type), ["Answer briefly. First question? First answer."]).save_pretrained(scratch)
+            folder = scratch
+        try:
+            tokenizer = load_tokenizer(BaseModelRef(recipe.model.base, None, folder, config.model_type), recipe.model)
+            return describe_template(tokenizer)
+        except (ModelLoadError, MaskingError, TemplateError, ValueError) as exc:
+            return [f"chat template: cannot render a probe conversation: {' '.join(str(exc).split())[:300]}"]
+
+
 def _model_config(recipe: Recipe):
     """The base model's config without downloading anything (a tiny model's is known without building it),
     or why it is not available."""
     from recipes.schema import TINY_PREFIX
 
     if recipe.model.base.startswith(TINY_PREFIX):
+        from recipes.schema import TINY_MODEL_TYPES
         from training.families import family_for
         from training.tiny import tiny_config
 
-        return tiny_config(family_for(recipe.model.base[len(TINY_PREFIX):]))
+        return tiny_config(family_for(TINY_MODEL_TYPES[recipe.model.base[len(TINY_PREFIX):]]))
     from transformers import AutoConfig
 
     try:

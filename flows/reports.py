@@ -20,6 +20,9 @@ def data_report_markdown(data: PreparedData) -> str:
     tokens = data.token_lengths or {}
     percentiles = tokens.get("train_percentiles") or {}
     token_line = ", ".join(f"{k} {v}" for k, v in percentiles.items()) or "n/a"
+    if tokens.get("train_examples"):
+        token_line += (f"; {tokens['train_examples']} training examples, {tokens['train_tokens']} tokens (a template that rewrites "
+                       "history makes one example per assistant turn)")
     removed_tokens = {split: tokens.get(split, {}) for split in ("train", "eval")}
     contamination = data.contamination or {}
     image = _embedded_png(tokens.get("histogram"), "token length histogram")
@@ -32,7 +35,7 @@ def data_report_markdown(data: PreparedData) -> str:
 
 Row kinds: {', '.join(f'{k}: {v}' for k, v in data.kinds.items())}. Quarantine: `{data.quarantine_path}`.
 
-**Token lengths** (training rows, model tokenizer and chat template): {token_line}; limit {tokens.get('max_tokens')} ({tokens.get('overlong')}). Removed train/eval: too short {removed_tokens['train'].get('removed_too_short', 0)}/{removed_tokens['eval'].get('removed_too_short', 0)}, too long {removed_tokens['train'].get('removed_too_long', 0)}/{removed_tokens['eval'].get('removed_too_long', 0)}.
+**Token lengths** (training rows, model tokenizer and chat template): {token_line}; limit {tokens.get('max_tokens')} ({tokens.get('overlong')}). Removed train/eval: too short {removed_tokens['train'].get('removed_too_short', 0)}/{removed_tokens['eval'].get('removed_too_short', 0)}, too long {removed_tokens['train'].get('removed_too_long', 0)}/{removed_tokens['eval'].get('removed_too_long', 0)}, not renderable by the chat template {removed_tokens['train'].get('removed_unrenderable', 0)}/{removed_tokens['eval'].get('removed_unrenderable', 0)}.
 {image}
 **Contamination** ({contamination.get('ngram', '-')}-grams, overlap >= {contamination.get('min_overlap', '-')}): {contamination.get('contaminated_train_rows', 0)} training rows overlap {contamination.get('eval_rows_hit', 0)} eval prompts; removed {contamination.get('removed', 0)}.
 

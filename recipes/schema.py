@@ -12,7 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "data"
 TINY_PREFIX = "tiny:"
-TINY_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
+# tiny:<name> -> the model_type of its family (Llama 4's text model is llama4_text)
+TINY_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "mixtral": "mixtral", "qwen2": "qwen2", "qwen3": "qwen3",
+                    "llama4": "llama4_text", "deepseek_v3": "deepseek_v3", "qwen3_moe": "qwen3_moe"}
+TINY_FAMILIES = tuple(TINY_MODEL_TYPES)
 
 # Metrics an evaluation suite can select, and whether a higher value is better. Generation metrics score the
 # greedy answers against the references (evaluation/metrics.py); the others score the references with the model.
@@ -43,7 +46,8 @@ class ModelSection(Section):
     base: str = Field(
         "tiny:llama",
         description="Base model: a hub id (e.g. meta-llama/Llama-3.2-1B-Instruct), a local folder, or "
-        "tiny:llama | tiny:mistral | tiny:mixtral | tiny:qwen2 | tiny:qwen3 for a small random model built locally.",
+        "tiny:llama | tiny:mistral | tiny:mixtral | tiny:qwen2 | tiny:qwen3 | tiny:llama4 | tiny:deepseek_v3 | "
+        "tiny:qwen3_moe for a small random model built locally.",
     )
     revision: str | None = Field(
         None, description="Hub revision (commit, tag or branch) to pin; recorded in the artifact's lineage."
@@ -54,6 +58,31 @@ class ModelSection(Section):
         "Default: the tokenizer's own template, else the family's.",
     )
     trust_remote_code: bool = Field(False, description="Run model code from the hub repo. Leave off unless you trust it.")
+    chat_template_kwargs: dict[str, bool | int | float | str] = Field(
+        default_factory=dict,
+        description="Extra variables every rendering of the chat template receives, as vLLM's chat_template_kwargs "
+        "(e.g. enable_thinking: false for Qwen3's non-thinking mode). Training, evaluation and the export checks use them; "
+        "serve with the same values.",
+    )
+    template_date: str | None = Field(
+        None,
+        description="The date (YYYY-MM-DD) a chat template that prints today's date (Llama 3.2/3.3/4) renders. "
+        "Default: the run's start date, recorded in the manifest, so a rerun of the run tokenizes the same.",
+    )
+
+    @field_validator("template_date", mode="before")
+    @classmethod
+    def _iso_date(cls, value):
+        import datetime
+
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2025-01-31 as a date
+            return value.isoformat()
+        if isinstance(value, str):
+            try:
+                datetime.date.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a date in YYYY-MM-DD form") from None
+        return value
 
     @model_validator(mode="after")
     def _tiny_family_known(self) -> "ModelSection":

@@ -10,6 +10,7 @@ vLLM reads `--config` YAML files keyed by the long option names; the command lin
 """
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -40,9 +41,13 @@ def lora_servable(manifest: dict) -> bool:
     return manifest["adapter"]["vllm_servable"] and manifest["adapter"]["included"]
 
 
+# vLLM's reasoning parser for a template that renders reasoning itself (Qwen3) or opens <think> for the model (R1)
+REASONING_PARSERS = {"template": "qwen3", "forced": "deepseek_r1"}
+
+
 def merged_config(manifest: dict) -> dict:
     serving = manifest["serving"]
-    return {
+    config = {
         "served-model-name": manifest["name"],
         "dtype": serving["dtype"],
         "max-model-len": serving["max_model_len"],
@@ -51,6 +56,20 @@ def merged_config(manifest: dict) -> dict:
         "generation-config": "auto",  # generation_config.json's eos ids, the chat template's end-of-turn among them
         "port": PORT,
     }
+    return config | chat_options(manifest.get("training", {}).get("chat_template"))
+
+
+def chat_options(chat: dict | None) -> dict:
+    """Serve with what training rendered: the recipe's chat_template_kwargs as the server's defaults, and a reasoning
+    parser that returns reasoning apart from the answer, as evaluation scored it."""
+    if not chat:
+        return {}
+    options = {}
+    if chat.get("chat_template_kwargs"):
+        options["default-chat-template-kwargs"] = json.dumps(chat["chat_template_kwargs"], sort_keys=True)
+    if chat.get("reasoning") in REASONING_PARSERS:
+        options["reasoning-parser"] = REASONING_PARSERS[chat["reasoning"]]
+    return options
 
 
 def lora_config(manifest: dict) -> dict:

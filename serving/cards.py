@@ -59,6 +59,7 @@ uses: check the evaluation suites and limitations before using it elsewhere.
 - backend: {training['backend']} ({training['backend_reason']}), device: {training['device']}
 - steps: {training['steps']}, epochs: {training['epochs']}, final loss: {training['final_logged_loss']}
 - rows: {training['train_rows']} ({training['dropped_rows']} left out as too long), trained-token share: {training['trained_token_fraction']}
+{_chat_template_line(training.get('chat_template'))}
 - data fingerprint: `{manifest['data']['fingerprint']}`
 - recipe hash: `{manifest['recipe_hash']}`
 
@@ -90,6 +91,15 @@ red-team exercise by people.
 {json.dumps(manifest['recipe'], indent=2)}
 ```
 """
+
+
+def _chat_template_line(chat: dict | None) -> str:
+    """How rows were rendered: what a server must reproduce (kwargs), the date a template printed, reasoning, per-turn rows."""
+    if not chat:
+        return "- chat template: not recorded"
+    kwargs = ", ".join(f"{k}={v}" for k, v in chat["chat_template_kwargs"].items()) or "none"
+    return (f"- chat template: rendered with chat_template_kwargs {kwargs} and date {chat['date']}; reasoning {chat['reasoning']}; "
+            f"{chat['per_turn_rows']} conversations trained one example per assistant turn; turns end with `{chat['end_of_turn']}`")
 
 
 def _license_line(base: dict) -> str:

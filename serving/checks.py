@@ -9,10 +9,13 @@ import json
 import struct
 from pathlib import Path
 
+from jinja2 import TemplateError
+
 from data_prep.files import sha256_file
 
 from training.families import FAMILIES
-from training.tokenize import MaskingError, encode_chat
+
+from training.tokenize import MaskingError, encode_conversation, settings_of, template_messages
 
 # Architectures vLLM serves for the families we train (vllm/model_executor/models/registry.py).
 VLLM_ARCHITECTURES = {f.architecture for f in FAMILIES.values()}
@@ -198,6 +201,11 @@ def check_adapter_servable(adapter_config: dict, max_lora_rank: int = 512) -> li
         problems.append("trainable_token_indices (embeddings of tokens added for the chat template) are not served by vLLM LoRA")
     if adapter_config.get("use_dora"):
         problems.append("DoRA adapters are not served by vLLM LoRA")
+    if adapter_config.get("target_parameters"):
+        problems.append(
+            f"target_parameters {sorted(adapter_config['target_parameters'])} (LoRA on fused mixture-of-experts weights): vLLM's LoRA "
+            "loader reads peft's [experts, in, out] expert layout as [out, in] and refuses or drops it (vllm-project/vllm#52198); "
+            "an adapter on lora.target_modules: attention is served")
     if adapter_config.get("bias", "none") != "none":
         problems.append(f"bias={adapter_config['bias']!r}; vLLM LoRA serves bias='none' only")
     rank = adapter_config.get("r", 0)
@@ -212,20 +220,24 @@ def vllm_max_lora_rank(rank: int) -> int:
 
 
 def check_template_matches_training(tokenizer, sample: list[dict]) -> list[str]:
-    """Render the rows training saw with the shipped tokenizer: token ids must be identical, and the prompt a
-    server builds (apply_chat_template with a generation prompt) must be the prefix training used."""
+    """Render the rows training saw with the shipped tokenizer: token ids must be identical, example by example
+    (a template that rewrites history gives one example per assistant turn), and the prompt a server builds
+    (apply_chat_template with a generation prompt) must be the prefix training used."""
     problems = []
     for i, item in enumerate(sample):
         messages = item["messages"]
         try:
-            input_ids = encode_chat(tokenizer, messages).input_ids
-        except MaskingError as exc:
-            problems.append(f"sample row {i}: the shipped chat template cannot render the rows training saw: {exc}")
+            encodings = {e.turn: e for e in encode_conversation(tokenizer, messages)}
+        except (MaskingError, TemplateError) as exc:
+            problems.append(f"sample example {i}: the shipped chat template cannot render the rows training saw: {exc}")
             continue
-        if input_ids != item["input_ids"]:
-            problems.append(f"sample row {i}: the shipped tokenizer/chat template gives different token ids than training saw")
+        turn = item.get("turn", max((t for t in encodings if t is not None), default=None))
+        if turn not in encodings or encodings[turn].input_ids != item["input_ids"]:
+            problems.append(f"sample example {i}: the shipped tokenizer/chat template gives different token ids than training saw")
             continue
-        server_prompt = list(tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=False))
+        history = template_messages(tokenizer, messages)[:turn]
+        server_prompt = list(tokenizer.apply_chat_template(history, tokenize=True, add_generation_prompt=True, return_dict=False,
+                                                           **settings_of(tokenizer).template_kwargs()))
         if server_prompt != item["input_ids"][: item["prompt_length"]]:
-            problems.append(f"sample row {i}: the prompt a server builds differs from the prompt training used")
+            problems.append(f"sample example {i}: the prompt a server builds differs from the prompt training used")
     return problems

@@ -75,7 +75,7 @@ def test_each_model_filters_into_a_folder_of_its_own_and_the_prepared_data_stays
     assert Path(prepared.train_path).read_bytes() == before and prepared.token_lengths == {}
     assert len({Path(d.train_path).parent for d in (prepared, for_llama, for_qwen)}) == 3
     assert for_llama.train_rows < for_qwen.train_rows == prepared.train_rows  # llama's limit left rows out, qwen's none
-    assert json.loads(Path(for_qwen.report_path).read_text())["token_lengths"]["key"].endswith("|qwen2|1|10000|drop|3")
+    assert json.loads(Path(for_qwen.report_path).read_text())["token_lengths"]["key"].endswith("|qwen2|1|10000|drop|4")
 
 
 def test_unchanged_sources_and_recipe_reuse_the_prepared_data(mixed_lengths):

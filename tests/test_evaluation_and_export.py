@@ -225,14 +225,14 @@ def test_serving_template_different_from_training_is_caught(artifact, trained_lo
     tokenizer.chat_template = tokenizer.chat_template.replace("<|end_header_id|>\\n\\n", "<|end_header_id|>\\n")
     problems = check_template_matches_training(tokenizer, sample)
     assert len(problems) == len(sample)
-    assert problems[0] == "sample row 0: the shipped tokenizer/chat template gives different token ids than training saw"
+    assert problems[0] == "sample example 0: the shipped tokenizer/chat template gives different token ids than training saw"
     original = AutoTokenizer.from_pretrained(Path(artifact.path) / "model").chat_template
     tokenizer.chat_template = original.replace("{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}", "")
-    assert check_template_matches_training(tokenizer, sample)[0] == "sample row 0: the prompt a server builds differs from the prompt training used"
+    assert check_template_matches_training(tokenizer, sample)[0] == "sample example 0: the prompt a server builds differs from the prompt training used"
     tokenizer.chat_template = original.replace("'<|start_header_id|>assistant<|end_header_id|>", "'<|start_header_id|>model<|end_header_id|>")
-    assert check_template_matches_training(tokenizer, sample)[0].startswith(
-        "sample row 0: the shipped chat template cannot render the rows training saw: the chat template is not prefix-stable"
-    )
+    problem = check_template_matches_training(tokenizer, sample)[0]
+    assert problem.startswith("sample example 0: the shipped chat template cannot render the rows training saw: message 2: the chat "
+                              "template's generation prompt (ending ") and "model<|end_header_id|>\\n\\n') is not followed by this" in problem
 
 
 def test_export_refuses_a_tokenizer_that_drifted_from_training(trained_lora, prepared_small, tmp_path):
@@ -247,7 +247,7 @@ def test_export_refuses_a_tokenizer_that_drifted_from_training(trained_lora, pre
 
     with pytest.raises(ExportError) as info:
         export_artifact(ExportSection(), ModelSection(), replace(trained_lora, adapter_path=str(drifted)), prepared_small.eval_path, LINEAGE, tmp_path / "out")
-    assert "sample row 0: the shipped tokenizer/chat template gives different token ids than training saw" in str(info.value)
+    assert "sample example 0: the shipped tokenizer/chat template gives different token ids than training saw" in str(info.value)
     assert not (tmp_path / "out" / "artifact").exists()
     assert not list((tmp_path / "out").glob(".artifact*"))
 

@@ -24,22 +24,32 @@ GOLDEN = {
     "qwen2": "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
     "<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\nA2<|im_end|>\n",
 }
-GOLDEN["qwen3"] = GOLDEN["qwen2"]
+GOLDEN["qwen3"] = GOLDEN["qwen3_moe"] = GOLDEN["qwen2"]
 GOLDEN["mixtral"] = GOLDEN["mistral"]
+GOLDEN["llama4"] = ("<|begin_of_text|><|header_start|>system<|header_end|>\n\nS<|eot|><|header_start|>user<|header_end|>\n\nU1<|eot|>"
+                    "<|header_start|>assistant<|header_end|>\n\nA1<|eot|><|header_start|>user<|header_end|>\n\nU2<|eot|>"
+                    "<|header_start|>assistant<|header_end|>\n\nA2<|eot|>")
+GOLDEN["deepseek_v3"] = "<｜begin▁of▁sentence｜>S<｜User｜>U1<｜Assistant｜>A1<｜end▁of▁sentence｜><｜User｜>U2<｜Assistant｜>A2<｜end▁of▁sentence｜>"
 GENERATION_PROMPT = {"llama": "<|start_header_id|>assistant<|end_header_id|>\n\n", "mistral": "", "mixtral": "", "qwen2": "<|im_start|>assistant\n",
-                     "qwen3": "<|im_start|>assistant\n"}
-COMPLETION = {"llama": "A2<|eot_id|>", "mistral": "A2</s>", "mixtral": "A2</s>", "qwen2": "A2<|im_end|>\n", "qwen3": "A2<|im_end|>\n"}
+                     "qwen3": "<|im_start|>assistant\n", "qwen3_moe": "<|im_start|>assistant\n",
+                     "llama4": "<|header_start|>assistant<|header_end|>\n\n", "deepseek_v3": "<｜Assistant｜>"}
+COMPLETION = {"llama": "A2<|eot_id|>", "mistral": "A2</s>", "mixtral": "A2</s>", "qwen2": "A2<|im_end|>\n", "qwen3": "A2<|im_end|>\n",
+              "qwen3_moe": "A2<|im_end|>\n", "llama4": "A2<|eot|>", "deepseek_v3": "A2<｜end▁of▁sentence｜>"}
 
 
 def test_unknown_family_lists_the_supported_ones():
     with pytest.raises(UnsupportedFamilyError) as info:
         family_for("gpt2")
-    assert str(info.value) == "model_type 'gpt2' is not supported; supported families: llama, mistral, mixtral, qwen2, qwen3"
+    assert str(info.value) == "model_type 'gpt2' is not supported; supported families: deepseek_v3, llama, llama4_text, mistral, mixtral, qwen2, qwen3, qwen3_moe"
 
 
 def test_registry_names_vllm_architectures_and_presets():
     assert {f.architecture for f in FAMILIES.values()} == {"LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
-                                                         "Qwen3ForCausalLM"}
+                                                         "Qwen3ForCausalLM", "Llama4ForCausalLM", "DeepseekV3ForCausalLM",
+                                                         "Qwen3MoeForCausalLM"}
+    assert family_for("deepseek_v3").lora_targets("attention")[0] == ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    assert family_for("llama4_text").lora_targets("experts") == ([], ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"])
+    assert family_for("qwen3_moe").lora_targets("all-linear")[1] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     assert family_for("llama").target_modules("attention") == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert len(family_for("qwen2").target_modules("all-linear")) == 7
     assert family_for("mistral").target_modules(["q_proj"]) == ["q_proj"]
@@ -62,11 +72,13 @@ def test_golden_chat_template_render(tokenizers, family):
 def test_tiny_models_pad_with_a_token_that_is_not_eos(tiny_refs, tokenizers, family):
     from transformers import AutoConfig
 
+    from recipes.schema import TINY_MODEL_TYPES
+
     tokenizer = tokenizers[family]
-    assert tokenizer.eos_token == family_for(family).end_of_turn
+    assert tokenizer.eos_token == family_for(TINY_MODEL_TYPES[family]).end_of_turn
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
     config = AutoConfig.from_pretrained(tiny_refs[family].path)
-    assert config.model_type == family and config.num_hidden_layers == 2 and config.vocab_size == len(tokenizer)
+    assert config.model_type == TINY_MODEL_TYPES[family] and config.num_hidden_layers == 2 and config.vocab_size == len(tokenizer)
 
 
 @pytest.mark.parametrize("family", sorted(GOLDEN))
@@ -130,9 +142,9 @@ def test_tiny_model_cache_is_reused(corpus):
     assert tiny_model_path("qwen2", lambda: pytest.fail("a keyed model is found without reading its corpus"), corpus_key="data-key") == keyed
 
 
-def test_missing_template_and_pad_tokens_are_added_not_spelled_out(corpus, tmp_path):
-    """A base tokenizer without the family's end-of-turn and pad tokens: both are added as single special tokens;
-    the end-of-turn row is trained, the pad row never is."""
+def test_missing_end_of_turn_is_added_and_pad_takes_an_unused_special(corpus, tmp_path):
+    """A base tokenizer without the family's end-of-turn and pad tokens: the end-of-turn token is added as one special
+    token and its row is trained; the pad takes a special token the vocabulary has and the template does not use."""
     from dataclasses import replace
 
     from recipes.schema import ModelSection
@@ -146,9 +158,10 @@ def test_missing_template_and_pad_tokens_are_added_not_spelled_out(corpus, tmp_p
     base_tokenizer.pad_token = None  # like Llama 3 base: no pad token at all
     base_tokenizer.save_pretrained(tmp_path)
     tokenizer = load_tokenizer(BaseModelRef("base", None, str(tmp_path), "llama"), ModelSection(base=str(tmp_path)))
-    eot, pad = tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.convert_tokens_to_ids("<|finetune_right_pad_id|>")
+    eot, pad = tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.convert_tokens_to_ids("<|end_of_text|>")
     assert tokenizer.eos_token_id == eot and tokenizer.pad_token_id == pad and eot != pad
-    assert tokenizer.ftpipe_added_ids == [eot, pad]
+    assert tokenizer.ftpipe_added_ids == [eot]
+    assert "<|finetune_right_pad_id|>" not in tokenizer.get_vocab()
     assert new_token_rows(tokenizer) == {"embed_tokens": [eot], "lm_head": [eot]}
     rendered = tokenizer.apply_chat_template(CONVERSATION[1:3], tokenize=True, return_dict=True)["input_ids"]
     assert rendered.count(eot) == 2  # one token per turn end, not spelled out

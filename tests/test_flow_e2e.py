@@ -221,7 +221,7 @@ def test_a_base_model_without_the_templates_tokens_gets_them_trained_and_exporte
     result = run_ftpipe("run", "quickstart", "--set", f"model.base={base}", "--set", "evaluation.gates=[]", "--set", SHORT_EVAL,
                         "--output-dir", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "lacks <|eot_id|> (used by the chat template): added" in result.stderr
+    assert "lacks <|eot_id|> (written by the chat template as one special token each): added" in result.stderr
     artifact = Path(result.stdout.strip().splitlines()[-1].removeprefix("artifact: "))
     manifest = json.loads((artifact / "manifest.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(artifact / "model")

@@ -62,7 +62,7 @@ def test_unknown_keys_are_errors_with_a_suggestion(raw, expected):
     [
         ({"training": {"lora": {"r": 0}}}, "training.lora.r: Input should be greater than 0 (got 0)"),
         ({"training": {"adapter": "dora"}}, "training.adapter: Input should be 'lora' or 'qlora' (got 'dora')"),
-        ({"model": {"base": "tiny:gpt2"}}, "model: unknown tiny model 'tiny:gpt2'; use one of tiny:llama, tiny:mistral, tiny:mixtral, tiny:qwen2, tiny:qwen3"),
+        ({"model": {"base": "tiny:gpt2"}}, "model: unknown tiny model 'tiny:gpt2'; use one of tiny:llama, tiny:mistral, tiny:mixtral, tiny:qwen2, tiny:qwen3, tiny:llama4, tiny:deepseek_v3, tiny:qwen3_moe"),
         ({"data": {"eval_fraction": 1.5}}, "data.eval_fraction: Input should be less than 1 (got 1.5)"),
         ({"name": "My Run"}, "name: String should match pattern '^[a-z0-9][a-z0-9._-]{0,63}$' (got 'My Run')"),
         ({"evaluation": {"gates": [{"metric": "bleu", "min": 1}]}}, "evaluation.gates.0: unknown metric 'bleu'; use one of: exact_match, normalized_exact_match, token_f1, rouge_l, json_valid, "

@@ -49,8 +49,9 @@ BREAKAGES = {
     ]),
     "wrong architecture": (lambda root: _edit_config(root, architectures=["GPT2LMHeadModel"]), [
         "FAIL model/config.json: SHA-256 differs from manifest.json (changed after export, or corrupt)",
-        "FAIL model/config.json: architectures ['GPT2LMHeadModel'] is not one vLLM serves for our families (LlamaForCausalLM, "
-        "MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)",
+        "FAIL model/config.json: architectures ['GPT2LMHeadModel'] is not one vLLM serves for our families (DeepseekV3ForCausalLM, "
+        "Llama4ForCausalLM, LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+        "Qwen3MoeForCausalLM)",
     ]),
     "truncated shard": (lambda root: os.truncate(root / "model" / "model.safetensors", (root / "model" / "model.safetensors").stat().st_size - 1000), [
         "FAIL model/model.safetensors: SHA-256 differs from manifest.json (changed after export, or corrupt)",

@@ -1,8 +1,8 @@
 """The one registry of model families, keyed by the Hugging Face config's `model_type`.
 
 Everything family-specific lives here: default chat template, special tokens, which token pads (never
-the end-of-turn token, or its label would be masked and the model would never stop), LoRA target-module
-presets and the architecture name vLLM serves.
+the end-of-turn token, or its label would be masked and the model would never stop), which template markers
+the family's real tokenizers hold as one token, LoRA target-module presets and the architecture name vLLM serves.
 """
 from __future__ import annotations
 
@@ -24,8 +24,11 @@ class Family:
     bos_token: str | None
     end_of_turn: str  # ends an assistant turn; the tokenizer's eos and a stop token for serving
     pad_candidates: tuple[str, ...]  # first one present in the vocabulary pads
-    extra_special: tuple[str, ...]  # other special tokens the template uses
-    lora_presets: dict[str, tuple[str, ...]]
+    extra_special: tuple[str, ...]  # other special tokens of the family's tiny tokenizer
+    # markers every real tokenizer of the family holds as one special token: added to a base that lacks them when
+    # the template writes them (a marker some real tokenizers spell in pieces, Mistral v1's [INST], stays text)
+    template_tokens: tuple[str, ...]
+    attention: tuple[str, ...] = ATTENTION  # the attention projections (DeepSeek's MLA has its own)
     # a mixture-of-experts model's expert weights: 3-D parameters (one slice per expert), adapted through
     # peft's target_parameters rather than as linear modules
     expert_parameters: tuple[str, ...] = ()
@@ -46,12 +49,9 @@ class Family:
         if preset_or_names == "experts" or (preset_or_names == "all-linear" and self.expert_parameters):
             if not self.expert_parameters:
                 raise UnsupportedFamilyError(f"lora.target_modules=experts: {self.model_type} has no expert layers (mixtral has)")
-            modules = list(ATTENTION) if preset_or_names == "all-linear" else []
+            modules = list(self.attention) if preset_or_names == "all-linear" else []
             return modules, list(self.expert_parameters)
-        return list(self.lora_presets[preset_or_names]), []
-
-
-_PRESETS = {"attention": ATTENTION, "all-linear": ATTENTION + MLP}
+        return list(self.attention if preset_or_names == "attention" else self.attention + MLP), []
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(
@@ -63,7 +63,7 @@ FAMILIES: dict[str, Family] = {
         end_of_turn="<|eot_id|>",
         pad_candidates=("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>"),
         extra_special=("<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"),
-        lora_presets=_PRESETS,
+        template_tokens=("<|start_header_id|>", "<|end_header_id|>"),
     ),
     "mistral": Family(
         model_type="mistral",
@@ -73,8 +73,8 @@ FAMILIES: dict[str, Family] = {
         bos_token="<s>",
         end_of_turn="</s>",
         pad_candidates=("<pad>", "<unk>"),
-        extra_special=("<unk>", "[INST]", "[/INST]"),
-        lora_presets=_PRESETS,
+        extra_special=("<unk>", "[INST]", "[/INST]"),  # v3 tokenizers' control tokens; v1 (Mixtral) spells them in pieces
+        template_tokens=(),
     ),
     "qwen2": Family(
         model_type="qwen2",
@@ -85,13 +85,50 @@ FAMILIES: dict[str, Family] = {
         end_of_turn="<|im_end|>",
         pad_candidates=("<|endoftext|>",),
         extra_special=("<|im_start|>",),
-        lora_presets=_PRESETS,
+        template_tokens=("<|im_start|>",),
+    ),
+    # Llama 4's text model: every layer a mixture of experts (fused 3-D expert weights) beside a shared expert.
+    "llama4_text": Family(
+        model_type="llama4_text",
+        architecture="Llama4ForCausalLM",
+        config_class="Llama4TextConfig",
+        template="llama4.jinja",
+        bos_token="<|begin_of_text|>",
+        end_of_turn="<|eot|>",
+        pad_candidates=("<|finetune_right_pad|>",),
+        extra_special=("<|end_of_text|>", "<|header_start|>", "<|header_end|>"),
+        template_tokens=("<|header_start|>", "<|header_end|>"),
+        expert_parameters=("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
+        tiny_config=(("num_local_experts", 4), ("num_experts_per_tok", 1), ("intermediate_size_mlp", 256), ("head_dim", 32)),
+    ),
+    # DeepSeek-V3 / R1: multi-head latent attention (low-rank q and kv projections) and routed experts.
+    "deepseek_v3": Family(
+        model_type="deepseek_v3",
+        architecture="DeepseekV3ForCausalLM",
+        config_class="DeepseekV3Config",
+        template="deepseek_v3.jinja",
+        bos_token="<｜begin▁of▁sentence｜>",
+        end_of_turn="<｜end▁of▁sentence｜>",
+        pad_candidates=("<｜▁pad▁｜>",),
+        extra_special=("<｜User｜>", "<｜Assistant｜>"),
+        template_tokens=("<｜User｜>", "<｜Assistant｜>"),
+        attention=("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+        expert_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        tiny_config=(("first_k_dense_replace", 1), ("n_routed_experts", 4), ("num_experts_per_tok", 2), ("n_group", 1),
+                     ("topk_group", 1), ("moe_intermediate_size", 128), ("q_lora_rank", 64), ("kv_lora_rank", 32),
+                     ("qk_rope_head_dim", 16), ("qk_nope_head_dim", 16), ("v_head_dim", 32), ("num_key_value_heads", 4)),
     ),
 }
 
 
 # Qwen3 shares Qwen2's ChatML template and tokens; only the architecture differs.
-FAMILIES["qwen3"] = replace(FAMILIES["qwen2"], model_type="qwen3", architecture="Qwen3ForCausalLM", config_class="Qwen3Config")
+FAMILIES["qwen3"] = replace(FAMILIES["qwen2"], model_type="qwen3", architecture="Qwen3ForCausalLM", config_class="Qwen3Config",
+                            tiny_config=(("head_dim", 32),))
+FAMILIES["qwen3_moe"] = replace(
+    FAMILIES["qwen3"], model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM", config_class="Qwen3MoeConfig",
+    expert_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    tiny_config=(("head_dim", 32), ("num_experts", 4), ("num_experts_per_tok", 2), ("moe_intermediate_size", 128)),
+)
 # Mixtral is Mistral's tokenizer and template with sparse mixture-of-experts MLPs.
 FAMILIES["mixtral"] = replace(
     FAMILIES["mistral"], model_type="mixtral", architecture="MixtralForCausalLM", config_class="MixtralConfig",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from recipes.schema import TINY_PREFIX, ModelSection
 from training.families import Family, family_for
+from training.tokenize import RenderSettings
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ def resolve_base(section: ModelSection, corpus: Callable[[], list[str]], corpus_
     return BaseModelRef(model_id=section.base, revision=revision, path=path, model_type=config.model_type)
 
 
-def load_tokenizer(ref: BaseModelRef, section: ModelSection):
-    """The tokenizer with a chat template and a pad token that is not the end-of-turn token."""
+def load_tokenizer(ref: BaseModelRef, section: ModelSection, render_date: str | None = None):
+    """The tokenizer with a chat template, its real end-of-turn token as eos, a pad token that is not the
+    end-of-turn token, and the render settings (fixed date, chat_template_kwargs) every rendering uses."""
     from transformers import AutoTokenizer
 
     try:
@@ -66,37 +68,93 @@ def load_tokenizer(ref: BaseModelRef, section: ModelSection):
         raise ModelLoadError(f"model.base: cannot load the tokenizer of {ref.model_id!r}: {_first_line(exc)}") from None
     family = ref.family
     tokenizer.chat_template = _chat_template(section, tokenizer, family)
+    tokenizer.ftpipe_render = RenderSettings(date=section.template_date or render_date,
+                                             kwargs=tuple(sorted(section.chat_template_kwargs.items())))
     added = _add_template_tokens(tokenizer, family, ref.model_id)
-    vocab = tokenizer.get_vocab()
-    if family.end_of_turn in vocab:
-        tokenizer.eos_token = family.end_of_turn
+    end_of_turn = end_of_turn_token(tokenizer, family)
+    if end_of_turn:
+        tokenizer.eos_token = end_of_turn
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        pad = next((t for t in family.pad_candidates if t in vocab and vocab[t] != tokenizer.eos_token_id), None)
+        pad = _unused_pad(tokenizer, family)
         if pad is None:
             pad = family.pad_candidates[0]
-            added += _add_tokens(tokenizer, [pad], ref.model_id, "pad (never trained: padding carries no loss)")
+            tokenizer.add_tokens([pad], special_tokens=True)
+            added.append(tokenizer.convert_tokens_to_ids(pad))
+            log.warning("model.base %r has no pad token other than its end-of-turn token and no unused special token: added %s "
+                        "(padding carries no loss, so its embedding is never trained)", ref.model_id, pad)
         tokenizer.pad_token = pad
     tokenizer.padding_side = "right"
     tokenizer.ftpipe_added_ids = added  # new embedding rows that training must learn (not saved; recomputed on load)
     return tokenizer
 
 
+RENDER_FILE = "ftpipe_render.json"  # beside a saved tokenizer: the render settings training used
+
+
+def save_render_settings(tokenizer, folder: Path) -> None:
+    import json
+
+    (Path(folder) / RENDER_FILE).write_text(json.dumps(tokenizer.ftpipe_render.to_dict(), indent=2))
+
+
+def load_saved_tokenizer(folder: str | Path, settings: RenderSettings | None = None):
+    """A tokenizer saved by training (the adapter folder) with the render settings training used, or those given."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    saved = Path(folder) / RENDER_FILE
+    tokenizer.ftpipe_render = settings or RenderSettings.from_dict(json.loads(saved.read_text()) if saved.is_file() else None)
+    return tokenizer
+
+
+def end_of_turn_token(tokenizer, family: Family) -> str | None:
+    """The special token the chat template writes right after an assistant turn's content (what a server stops on):
+    read from the template itself, since a tokenizer with its own template (DeepSeek-R1-Distill on a Qwen
+    vocabulary) may end turns differently from its family's default."""
+    probe = "\ue000ftpipe-eot\ue001"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}], tokenize=False)
+    except Exception:  # a template that needs more than a plain exchange: fall back to the family's token
+        text = ""
+    after = text.split(probe, 1)[1] if probe in text else ""
+    specials = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    for token_id in tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []:
+        if token_id in specials:
+            return tokenizer.convert_ids_to_tokens(token_id)
+    return family.end_of_turn if family.end_of_turn in tokenizer.get_vocab() else None
+
+
+def _unused_pad(tokenizer, family: Family) -> str | None:
+    """A pad token that is neither end-of-turn nor written by the template: the family's pad, else an unused special
+    or reserved token the vocabulary already has (its embedding exists; padding never trains it)."""
+    vocab = tokenizer.get_vocab()
+    taken = {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    for token in family.pad_candidates:
+        if token in vocab and vocab[token] not in taken:
+            return token
+    template = tokenizer.chat_template or ""
+    spare = [t.content for i, t in sorted(tokenizer.added_tokens_decoder.items())
+             if t.special and i not in taken and t.content not in template and "think" not in t.content]
+    return next((t for t in spare if "pad" in t.lower()), None) or next((t for t in spare if "reserved" in t.lower()), None) \
+        or (spare[0] if spare else None)
+
+
 def _add_template_tokens(tokenizer, family: Family, model_id: str) -> list[int]:
-    """The family's special tokens that the chat template writes but the vocabulary lacks (a base model given an
-    instruct template): added as special tokens, so they stay one token each instead of being spelled out."""
+    """The family's markers that its real tokenizers hold as one special token, which this template writes but
+    this vocabulary lacks (a base model given an instruct template): added, so each stays one token. Markers the
+    family's tokenizers spell in pieces (Mistral v1's `[INST]`) stay text, as the real model reads them."""
     template = tokenizer.chat_template or ""
     vocab = tokenizer.get_vocab()
-    wanted = [t for t in dict.fromkeys((family.bos_token, family.end_of_turn, *family.extra_special)) if t and t in template and t not in vocab]
-    return _add_tokens(tokenizer, wanted, model_id, "used by the chat template")
-
-
-def _add_tokens(tokenizer, tokens: list[str], model_id: str, why: str) -> list[int]:
-    if not tokens:
+    wanted = [t for t in dict.fromkeys((family.bos_token, family.end_of_turn, *family.template_tokens))
+              if t and t in template and t not in vocab]
+    if not wanted:
         return []
-    tokenizer.add_tokens(tokens, special_tokens=True)
-    log.warning("model.base %r lacks %s (%s): added; their embeddings are trained and the export ships a merged model",
-                model_id, ", ".join(tokens), why)
-    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+    tokenizer.add_tokens(wanted, special_tokens=True)
+    log.warning("model.base %r lacks %s (written by the chat template as one special token each): added; their embeddings "
+                "are trained, and the export ships a merged model", model_id, ", ".join(wanted))
+    return [tokenizer.convert_tokens_to_ids(t) for t in wanted]
 
 
 def fit_embeddings(model, tokenizer) -> bool:

@@ -10,7 +10,7 @@ from recipes.schema import TrainingSection
 from data_prep.formats import conversation_of, kind_of
 from data_prep.readers import DataError
 from training.tokenize import (IGNORE, Encoded, MaskingError, check_end_of_turn_trained, check_trained_fraction, encode_chat,
-                               encode_text, final_turn_only)
+                               encode_conversation, encode_text, final_turn_only)
 from training.checkpoints import seal
 
 log = logging.getLogger(__name__)
@@ -21,37 +21,45 @@ SAMPLE_ROWS = 16  # rows whose token ids export re-derives with the artifact's t
 @dataclass
 class TokenizedRows:
     examples: list[dict]
-    sample: list[dict]  # [{messages, input_ids, prompt_length}] as training saw them
+    sample: list[dict]  # [{messages, input_ids, prompt_length, turn}] as training saw them, one per example of a row
     dropped: int
     total_tokens: int
     trained_fraction: float
     truncated: int = 0
     whole_text: bool = False  # some rows carry a loss on every token (text rows, or training.loss_on=all)
+    per_turn_rows: int = 0  # conversations the template rewrites, trained as one example per assistant turn
+    rows: int = 0  # rows kept (each one example or more)
 
 
 def tokenize_rows(tokenizer, rows: list[dict], training: TrainingSection, run_dir: Path, overlong: str = "drop") -> TokenizedRows:
     """Encode every row for the recipe's method; rows longer than max_seq_length are set aside with a reason
     (overlong=drop) or cut (overlong=truncate, the data recipe's choice); check the labels."""
     examples, sample, too_long = [], [], []
-    trained = total = truncated = 0
+    trained = total = truncated = per_turn = 0
     whole_text = training.loss_on == "all"
+    sampled_rows = 0
     for number, row in enumerate(rows, start=1):
         encodings = _encode(tokenizer, row, number, training)
+        per_turn += training.method != "dpo" and len(encodings) > 1
         whole_text |= "text" in row
         longest = max(len(e.input_ids) for e in encodings)
+        cut = False
         if longest > training.max_seq_length and overlong == "truncate":
-            encodings = [Encoded(e.input_ids[: training.max_seq_length], e.labels[: training.max_seq_length]) for e in encodings]
+            encodings = [Encoded(e.input_ids[: training.max_seq_length], e.labels[: training.max_seq_length], e.turn) for e in encodings]
             truncated += 1
+            cut = True
         elif longest > training.max_seq_length:
             too_long.append({"row": number, "tokens": longest, "reason": f"longer than training.max_seq_length={training.max_seq_length}", **row})
             continue
         else:
             for encoded in encodings:
                 check_end_of_turn_trained(encoded, tokenizer.eos_token_id, number)
-        examples.append(_example(encodings, training.method))
-        if len(sample) < SAMPLE_ROWS and "text" not in row:
-            first = encodings[0]
-            sample.append({"messages": conversation_of(row), "input_ids": first.input_ids, "prompt_length": first.prompt_length})
+        examples += _examples(encodings, training.method)
+        if sampled_rows < SAMPLE_ROWS and "text" not in row and not cut:  # a cut row is not what the template renders
+            sampled_rows += 1
+            shown = encodings[:1] if training.method == "dpo" else encodings
+            sample += [{"messages": conversation_of(row), "input_ids": e.input_ids, "prompt_length": e.prompt_length, "turn": e.turn}
+                       for e in shown]
         trained += sum(e.trained_tokens for e in encodings)
         total += sum(len(e.input_ids) for e in encodings)
     if too_long:
@@ -61,7 +69,11 @@ def tokenize_rows(tokenizer, rows: list[dict], training: TrainingSection, run_di
     if not examples:
         raise MaskingError(f"no training rows fit training.max_seq_length={training.max_seq_length}")
     fraction = check_trained_fraction(trained, total, training.min_trained_token_fraction, upper_fraction(training, whole_text), "training data")
-    return TokenizedRows(examples, sample, len(too_long), total, round(fraction, 4), truncated, whole_text)
+    if per_turn:
+        log.info("the chat template rewrites earlier turns (history, system prompt or reasoning) in %d conversations: each of "
+                 "their assistant turns is its own example, rendered as a server renders that step", per_turn)
+    return TokenizedRows(examples, sample, len(too_long), total, round(fraction, 4), truncated, whole_text, per_turn,
+                         len(rows) - len(too_long))
 
 
 def _encode(tokenizer, row: dict, number: int, training: TrainingSection) -> list[Encoded]:
@@ -77,19 +89,20 @@ def _encode(tokenizer, row: dict, number: int, training: TrainingSection) -> lis
     if "messages" not in row:
         raise DataError(f"train.jsonl row {number} is a {kind_of(row)} row; training.method=sft trains on chat and text rows "
                         "(preference rows are for method: dpo)")
-    encoded = encode_chat(tokenizer, row["messages"])
-    return [Encoded(encoded.input_ids, list(encoded.input_ids)) if training.loss_on == "all" else encoded]
+    encodings = encode_conversation(tokenizer, row["messages"])
+    return [Encoded(e.input_ids, list(e.input_ids), e.turn) if training.loss_on == "all" else e for e in encodings]
 
 
-def _example(encodings: list[Encoded], method: str) -> dict:
-    """What the trainer reads: input_ids and labels (SFT), or trl's prompt_ids / chosen_ids / rejected_ids (DPO)."""
+def _examples(encodings: list[Encoded], method: str) -> list[dict]:
+    """What the trainer reads: input_ids and labels per example (SFT), or trl's prompt_ids / chosen_ids /
+    rejected_ids (DPO, one example of the chosen and the rejected encoding)."""
     if method != "dpo":
-        return {"input_ids": encodings[0].input_ids, "labels": encodings[0].labels}
+        return [{"input_ids": e.input_ids, "labels": e.labels} for e in encodings]
     chosen, rejected = encodings
     start = chosen.prompt_length
     if chosen.input_ids[:start] != rejected.input_ids[:start]:
         raise MaskingError("the prompt tokenizes differently before the chosen and the rejected answer")
-    return {"prompt_ids": chosen.input_ids[:start], "chosen_ids": chosen.input_ids[start:], "rejected_ids": rejected.input_ids[start:]}
+    return [{"prompt_ids": chosen.input_ids[:start], "chosen_ids": chosen.input_ids[start:], "rejected_ids": rejected.input_ids[start:]}]
 
 
 def upper_fraction(training: TrainingSection, whole_text: bool) -> float:

@@ -36,7 +36,9 @@ def tiny_model_path(family_name: str, corpus: Callable[[], list[str]], corpus_ke
 
     corpus_key names the corpus when the caller has a stable name for it (the prepared data's cache key),
     so a rerun finds the same model without re-reading text that later filtering may have changed."""
-    family = family_for(family_name)
+    from recipes.schema import TINY_MODEL_TYPES
+
+    family = family_for(TINY_MODEL_TYPES.get(family_name, family_name))
     digest = hashlib.sha256(f"{BUILDER_VERSION}\x00{family_name}\x00{seed}\x00".encode())
     texts = None
     if corpus_key:
@@ -65,10 +67,14 @@ def tiny_model_path(family_name: str, corpus: Callable[[], list[str]], corpus_ke
 
 
 def build_tiny_model(family: Family, corpus: Iterable[str], out_dir: Path, seed: int = 0) -> None:
+    save_tiny_model(family, train_tokenizer(family, corpus), out_dir, seed)
+
+
+def save_tiny_model(family: Family, tokenizer, out_dir: Path, seed: int = 0) -> None:
+    """A random tiny model of the family sized to this tokenizer, saved with it (a folder from_pretrained loads)."""
     import torch
     import transformers
 
-    tokenizer = train_tokenizer(family, corpus)
     config = tiny_config(family, len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
@@ -89,36 +95,38 @@ def tiny_config(family: Family, vocab_size: int = VOCAB_SIZE, **token_ids):
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=False,
         initializer_range=INIT_STD,
-        **TINY_SHAPE,
-        **({"head_dim": TINY_SHAPE["hidden_size"] // TINY_SHAPE["num_attention_heads"]} if family.model_type == "qwen3" else {}),
-        **dict(family.tiny_config),
+        **{**TINY_SHAPE, **dict(family.tiny_config)},
         **token_ids,
     )
 
 
 def train_tokenizer(family: Family, corpus: Iterable[str]):
     """A byte-level BPE tokenizer with the family's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    pad = family.pad_candidates[0]
+    tokenizer = bpe_tokenizer(corpus, [*family.extra_special], bos=family.bos_token, eos=family.end_of_turn, pad=pad,
+                              unk="<unk>" if "<unk>" in family.extra_special else None)
+    tokenizer.chat_template = family.chat_template
+    return tokenizer
+
+
+def bpe_tokenizer(corpus: Iterable[str], specials: list[str], bos: str | None, eos: str, pad: str | None, unk: str | None = None,
+                  plain: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained on the corpus, holding bos/eos/pad/unk and `specials` as special tokens and
+    `plain` as added tokens that are not special (Qwen3's <think>), as a published tokenizer declares them."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    pad = family.pad_candidates[0]
-    specials = [t for t in (family.bos_token, family.end_of_turn, pad, *family.extra_special) if t]
-    specials = list(dict.fromkeys(specials))
+    reserved = list(dict.fromkeys(t for t in (bos, eos, pad, unk, *specials) if t))
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=VOCAB_SIZE, special_tokens=reserved, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     bpe.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token=family.bos_token,
-        eos_token=family.end_of_turn,
-        pad_token=pad,
-        unk_token="<unk>" if "<unk>" in specials else None,
-        additional_special_tokens=[t for t in specials if t not in (family.bos_token, family.end_of_turn, pad)],
-        model_max_length=MAX_POSITIONS,
+    if plain:
+        bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
+        additional_special_tokens=[t for t in reserved if t not in (bos, eos, pad, unk)], model_max_length=MAX_POSITIONS,
     )
-    tokenizer.chat_template = family.chat_template
-    return tokenizer

@@ -1,6 +1,7 @@
 """The training stage: resolve the base model, then train the adapter in a worker process."""
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -63,7 +64,7 @@ def filter_for_model(data: PreparedData, data_section: DataSection, model: Model
 
     max_tokens = data_section.max_tokens or training.max_seq_length
     return filter_token_lengths(data, data_section, load_tokenizer(base, model), max_tokens,
-                                tokenizer_id=f"{base.path}@{base.revision}|{model.chat_template}")
+                                tokenizer_id=f"{base.path}@{base.revision}|{model.chat_template}|{sorted(model.chat_template_kwargs.items())}|{model.template_date}")
 
 
 def train(
@@ -94,6 +95,7 @@ def train(
         "run_name": run_name,
         "run_config": run_config,
         "result_path": str(out_dir / "result.json"),
+        "render_date": run_render_date(out_dir),
     }
     found = latest_good(out_dir / "checkpoints")  # decided once here, not by each of several processes
     spec["resume_from"] = {"checkpoint": str(found[0]), "step": found[1]} if found else None
@@ -107,6 +109,17 @@ def train(
                "UnsupportedFamilyError": UnsupportedFamilyError, "BackendError": BackendError}[metrics["error"]](metrics["message"])
     return TrainResult(base=base, adapter_path=metrics.pop("adapter_path"),
                        tokenized_sample_path=str(out_dir / "tokenized_sample.json"), metrics=metrics)
+
+
+def run_render_date(out_dir: Path) -> str:
+    """The date chat templates render in this run folder: the first attempt's (UTC) date, kept for every retry and
+    resume, so a template that prints today's date tokenizes the same when the run continues on another day."""
+    path = out_dir / "render_date.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    path.write_text(today)
+    return today
 
 
 def _run_worker(command: list[str], log_path: Path, on_progress: Callable[[int, int], None] | None = None) -> None:

@@ -58,7 +58,8 @@ def run(spec: dict, backend: str, why: str) -> dict:
     from data_prep.charts import draw_curve
     from evaluation.costs import cpu_seconds
     from training.tracking import finish_run, start_run
-    from training.models import BaseModelRef, load_tokenizer
+    from training.models import BaseModelRef, load_tokenizer, save_render_settings
+    from training.tokenize import reasoning_mode
     from training.sft import build_trainer, check_collated_batch, check_packing_isolated, tokenize_rows
 
     training = TrainingSection.model_validate(spec["training"])
@@ -69,7 +70,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
     set_seed(training.seed)
     _quiet_progress_bars()
 
-    tokenizer = load_tokenizer(ref, model_section)
+    tokenizer = load_tokenizer(ref, model_section, render_date=spec.get("render_date"))
     rows = read_jsonl(spec["train_path"])
     tokenized = tokenize_rows(tokenizer, rows, training, run_dir, spec.get("overlong", "drop"))
     main_process = rank() == 0
@@ -105,6 +106,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
     if not main_process:
         return {}
     tokenizer.save_pretrained(adapter_dir)
+    save_render_settings(tokenizer, adapter_dir)
     curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     losses = [loss for _, loss in curve]
     if curve:
@@ -123,7 +125,10 @@ def run(spec: dict, backend: str, why: str) -> dict:
         "first_logged_loss": losses[0] if losses else None,
         "final_logged_loss": losses[-1] if losses else None,
         "runtime_s": round(runtime, 3),
-        "train_rows": len(tokenized.examples),
+        "train_rows": tokenized.rows,
+        "train_examples": len(tokenized.examples),
+        "chat_template": {**tokenizer.ftpipe_render.to_dict(), "reasoning": reasoning_mode(tokenizer),
+                          "per_turn_rows": tokenized.per_turn_rows, "end_of_turn": tokenizer.eos_token},
         "dropped_rows": tokenized.dropped,
         "truncated_rows": tokenized.truncated,
         "train_tokens": tokenized.total_tokens,
