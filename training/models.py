@@ -11,7 +11,7 @@ from pathlib import Path
 
 from recipes.schema import TINY_PREFIX, ModelSection
 from training.families import Family, family_for
-from training.tokenize import RenderSettings
+from training.tokenize import SENTINEL, RenderSettings, render
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,11 @@ def end_of_turn_token(tokenizer, family: Family) -> str | None:
     """The special token the chat template writes right after an assistant turn's content (what a server stops on):
     read from the template itself, since a tokenizer with its own template (DeepSeek-R1-Distill on a Qwen
     vocabulary) may end turns differently from its family's default."""
-    probe = "\ue000ftpipe-eot\ue001"
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}], tokenize=False)
+        text = render(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": SENTINEL}])
     except Exception:  # a template that needs more than a plain exchange: fall back to the family's token
         text = ""
-    after = text.split(probe, 1)[1] if probe in text else ""
+    after = text.split(SENTINEL, 1)[1] if SENTINEL in text else ""
     specials = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
     for token_id in tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []:
         if token_id in specials:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from data_prep.formats import THINK_CLOSE, THINK_OPEN, canonical_messages
 
 IGNORE = -100
-_SENTINEL = "\ue000ftpipe-turn\ue001"  # a private-use marker no template rewrites
+SENTINEL = "\ue000ftpipe-turn\ue001"  # a private-use marker no template rewrites
 
 
 class MaskingError(ValueError):
@@ -87,10 +87,10 @@ def reasoning_mode(tokenizer) -> str:
     if cached:
         return cached
     user = [{"role": "user", "content": "q"}]
-    probe = user + [{"role": "assistant", "content": "a", "reasoning_content": _SENTINEL}]
+    probe = user + [{"role": "assistant", "content": "a", "reasoning_content": SENTINEL}]
     if render(tokenizer, user, add_generation_prompt=True).rstrip().endswith(THINK_OPEN):
         mode = "forced"
-    elif _SENTINEL in render(tokenizer, probe):
+    elif SENTINEL in render(tokenizer, probe):
         mode = "template"
     else:
         mode = "inline"
@@ -175,8 +175,8 @@ def _completion_after_rewrite(tokenizer, messages: list[dict], turn: int, prompt
     tail, from the last message before the turn onwards, is found in the full rendering just before the turn's
     content; what follows it there is the completion. When the prompt goes on past that point with `<think>`
     (a template that opens reasoning for the model), the completion is the reasoning, `</think>`, then the turn."""
-    probe = render(tokenizer, messages[:turn] + [{**messages[turn], "content": _SENTINEL}])
-    before_content = probe[: probe.find(_SENTINEL)] if _SENTINEL in probe else ""
+    probe = render(tokenizer, messages[:turn] + [{**messages[turn], "content": SENTINEL}])
+    before_content = probe[: probe.find(SENTINEL)] if SENTINEL in probe else ""
     anchor = (messages[turn - 1].get("content") or "").strip() if turn else ""
     start = prompt_text.rfind(anchor) if anchor else -1
     if start < 0 or not full_text.startswith(before_content):
