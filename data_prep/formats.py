@@ -92,10 +92,36 @@ def normalise_text(value: str) -> str:
     return _BLANK_LINES.sub("\n\n", value).strip()
 
 
+# Characters no training text should hold: C0/C1 controls other than tab, newlines, vertical tab and form feed (which
+# normalise to whitespace), DEL, lone surrogate halves (JSON's "\ud800" decodes to one; it is not a code point
+# UTF-8 can write) and the noncharacters U+FFFE/U+FFFF.
+_BAD_CHARACTER = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+# Anything that prints: not whitespace, and not a zero-width, joiner, direction or other invisible format character.
+_VISIBLE = re.compile("[^\\s\u00ad\u034f\u115f\u1160\u180e\u200b-\u200f\u2028-\u202f\u205f-\u206f\u3164\ufeff\uffa0]")
+
+
 def _text(value: Any, field: str) -> str:
     if not isinstance(value, str):
         raise RowError(f"{field} must be a string, got {type(value).__name__}")
+    if bad := _BAD_CHARACTER.search(value):
+        raise RowError(f"{field} holds {_character_kind(bad.group())} U+{ord(bad.group()):04X} at character {bad.start()}")
     return normalise_text(value)
+
+
+def _character_kind(character: str) -> str:
+    if "\ud800" <= character <= "\udfff":
+        return "a lone surrogate half (not a valid code point)"
+    if character in "\ufffe\uffff":
+        return "the noncharacter"
+    return "the control character"
+
+
+def check_visible(text: str, field: str) -> None:
+    """Text made only of whitespace and invisible characters (zero-width spaces, joiners, BOMs) teaches nothing."""
+    if not text:
+        raise RowError(f"{field} is empty")
+    if not _VISIBLE.search(text):
+        raise RowError(f"{field} has no visible characters (only whitespace or zero-width/format characters)")
 
 
 def _message_list(messages: Any, field: str, role_key: str = "role", content_key: str = "content", roles: dict | None = None) -> list[dict]:
@@ -109,6 +135,8 @@ def _message_list(messages: Any, field: str, role_key: str = "role", content_key
         if extra:
             raise RowError(f"{field}[{i}] has unsupported keys: {', '.join(sorted(map(str, extra)))}")
         role = message[role_key]
+        if not isinstance(role, str):
+            raise RowError(f"{field}[{i}].{role_key} must be a string, got {type(role).__name__}")
         if roles is not None:
             if role not in roles:
                 raise RowError(f"{field}[{i}].{role_key} {role!r} is not one of {', '.join(roles)}")
@@ -156,8 +184,7 @@ def _from_completion(record: dict) -> dict:
 
 def _from_text(record: dict) -> dict:
     text = _text(record["text"], "text")
-    if not text:
-        raise RowError("text is empty")
+    check_visible(text, "text")
     return {"text": text}
 
 
@@ -197,8 +224,7 @@ def validate_messages(messages: list[dict[str, str]]) -> None:
     for i, message in enumerate(messages):
         if message["role"] not in ROLES:
             raise RowError(f"messages[{i}].role {message['role']!r} is not one of {', '.join(ROLES)}")
-        if not message["content"].strip():
-            raise RowError(f"messages[{i}].content is empty")
+        check_visible(message["content"], f"messages[{i}].content")
     turns = messages[1:] if messages[0]["role"] == "system" else messages
     if not turns:
         raise RowError("no user/assistant turns")

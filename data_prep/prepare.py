@@ -23,6 +23,7 @@ import xxhash
 
 from data_prep.dedup import KEPT, REASONS, ContaminationIndex, Deduplicator, lsh_bands
 from data_prep.files import atomic_write_json, sha256_file
+from data_prep.pii import RedactingFilter, Redactor, redact_tree
 from data_prep.readers import DataError
 from data_prep.rows import (
     FORMATS,
@@ -98,9 +99,18 @@ def prepare_data(section: DataSection, out_dir: str | Path, reuse: bool = True) 
     guard (the CLI and Prefect have one)."""
     out_dir = Path(out_dir)
     key = cache_key(section)
-    if reuse and (cached := load_prepared(out_dir, key)) is not None:
-        log.info("data: reusing prepared data in %s (cache key %s)", out_dir, key[:12])
-        return cached
+    redacting = RedactingFilter(Redactor(redacted_types(section)))
+    log.addFilter(redacting)
+    try:
+        if reuse and (cached := load_prepared(out_dir, key)) is not None:
+            log.info("data: reusing prepared data in %s (cache key %s)", out_dir, key[:12])
+            return cached
+        return _prepare(section, out_dir, key)
+    finally:
+        log.removeFilter(redacting)
+
+
+def _prepare(section: DataSection, out_dir: Path, key: str) -> PreparedData:
     out_dir.mkdir(parents=True, exist_ok=True)
     # report.json marks the folder complete: remove it first, so a crash mid-way is never taken for finished data
     (out_dir / "report.json").unlink(missing_ok=True)
@@ -186,8 +196,9 @@ class _Processor:
     def run(self, source: DataSource) -> Iterator[ChunkResult]:
         section = self.section
         settings = RowSettings(source.format, tuple(source.columns.items()), section.system_prompt, section.system_prompt_mode,
-                               section.max_row_chars, section.seed, section.eval_fraction)
-        chunks = ((chunk, settings) for chunk in iter_chunks(source))
+                               section.max_row_chars, section.seed, section.eval_fraction, section.max_nesting,
+                               section.quarantine_raw)
+        chunks = ((chunk, settings) for chunk in iter_chunks(source, section.max_row_chars))
         if self.pool is None:
             for chunk, _ in chunks:
                 yield self.local.chunk(chunk, settings)
@@ -212,7 +223,7 @@ class _SplitWriter:
         self.pii_types = redacted_types(section)
 
     def consume(self, source: DataSource, role: str, chunks: Iterator[ChunkResult], dedup: Deduplicator) -> SourceCounts:
-        count = SourceCounts(path=source.name, role=role)
+        count = SourceCounts(path=redact_tree(source.name, Redactor(self.pii_types)), role=role)
         removed: Counter[str] = Counter()
         formats, kinds = np.zeros(len(FORMATS), dtype=np.int64), np.zeros(len(KINDS), dtype=np.int64)
         pii = np.zeros(len(self.pii_types), dtype=np.int64)
@@ -270,6 +281,12 @@ class _SplitWriter:
 def redacted_types(section: DataSection) -> list[str]:
     """The PII types redacted, in the order the workers count them."""
     return list(section.pii.types) if section.pii.redact else []
+
+
+def redacted_section(section: DataSection) -> dict:
+    """The data section as the manifest and the model card show it: every string (system prompt, source names)
+    through the same redactor as the rows."""
+    return redact_tree(section.model_dump(mode="json"), Redactor(redacted_types(section)))
 
 
 def _check_invalid_fraction(counts: list[SourceCounts], limit: float, quarantine_path: Path) -> None:

@@ -6,6 +6,7 @@ not a failed file (datasets' JSON loader would fail the whole file).
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -65,8 +66,9 @@ def suffix_of(name: str) -> str:
     return "." + base.rsplit(".", 1)[-1] if "." in base else ""
 
 
-def read_stream(name: str, open_binary: Callable[[], BinaryIO], size: int | None) -> Iterator[RawChunk]:
-    """Every row of one file, a chunk at a time; unparseable rows come back with `error` set."""
+def read_stream(name: str, open_binary: Callable[[], BinaryIO], size: int | None, max_field_chars: int = 200_000) -> Iterator[RawChunk]:
+    """Every row of one file, a chunk at a time; unparseable rows come back with `error` set. Text files may start
+    with a byte-order mark: UTF-8's is dropped, UTF-16 and UTF-32 files are decoded by theirs."""
     suffix = suffix_of(name)
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(f"{name}: unsupported file type {suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
@@ -74,12 +76,37 @@ def read_stream(name: str, open_binary: Callable[[], BinaryIO], size: int | None
         raise DataError(f"{name}: file is empty")
     try:
         with open_binary() as f:
-            if suffix == ".jsonl":
-                yield from _jsonl(name, f)
-            else:
-                yield from in_chunks({".json": _json, ".csv": _csv, ".parquet": _parquet}[suffix](name, f))
+            if suffix == ".parquet":
+                yield from in_chunks(_parquet(name, f))
+                return
+            f = f if hasattr(f, "peek") else io.BufferedReader(f)
+            encoding = text_encoding(f.peek(4)[:4])
+            if suffix == ".csv":
+                yield from in_chunks(_csv(name, _text(f, encoding), max_field_chars))
+                return
+            lines = f if encoding.startswith("utf-8") else (line.encode("utf-8") for line in _text(f, encoding))
+            yield from _jsonl(name, lines) if suffix == ".jsonl" else in_chunks(_json(name, lines))
     except PermissionError:
         raise DataError(f"{name}: permission denied") from None
+    except UnicodeDecodeError as exc:  # a UTF-16/32 file (UTF-8 is checked row by row)
+        raise DataError(f"{name}: not valid {exc.encoding} ({exc.reason})") from None
+
+
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def text_encoding(head: bytes) -> str:
+    """The encoding a text file's byte-order mark names (UTF-32's is tested before UTF-16's, which it starts with);
+    UTF-8 without one."""
+    return next((encoding for bom, encoding in _BOMS if head.startswith(bom)), "utf-8")
+
+
+def _text(f: BinaryIO, encoding: str) -> io.TextIOWrapper:
+    """A text view of the file without its byte-order mark. UTF-8 bytes that do not decode are kept as surrogates,
+    so the row holding them, not the file, is rejected."""
+    utf8 = encoding.startswith("utf-8")
+    return io.TextIOWrapper(f, encoding="utf-8-sig" if utf8 else encoding, errors="surrogateescape" if utf8 else "strict", newline="")
 
 
 def parse_jsonl_line(source: str, number: int, raw: bytes) -> RawRow:
@@ -91,13 +118,17 @@ def parse_jsonl_line(source: str, number: int, raw: bytes) -> RawRow:
         return RawRow(source, number, record=json.loads(text))
     except json.JSONDecodeError as exc:
         return RawRow(source, number, error=f"invalid JSON: {exc.msg} at column {exc.colno}")
+    except RecursionError:
+        return RawRow(source, number, error="JSON nested too deeply to parse")
 
 
-def _jsonl(name: str, f: BinaryIO) -> Iterator[RawChunk]:
+def _jsonl(name: str, f: Iterable[bytes]) -> Iterator[RawChunk]:
     """Lines are handed out unparsed (`lines`), so parsing happens where the rest of the row's work does;
     blank lines are skipped but counted, so row numbers stay line numbers."""
     first = 1
     while lines := list(islice(f, CHUNK_ROWS)):
+        if first == 1 and lines[0].startswith(codecs.BOM_UTF8):
+            lines[0] = lines[0][len(codecs.BOM_UTF8):]
         numbered = [(number, line) for number, line in enumerate(lines, start=first) if not line.isspace()]
         first += len(lines)
         if numbered:
@@ -105,13 +136,18 @@ def _jsonl(name: str, f: BinaryIO) -> Iterator[RawChunk]:
             yield RawChunk([name] * len(kept), numbers, kept, [None] * len(kept), [None] * len(kept))
 
 
-def _json(name: str, f: BinaryIO) -> Iterator[RawRow]:
+def _json(name: str, f: Iterable[bytes]) -> Iterator[RawRow]:
     try:
-        data = json.loads(f.read().decode("utf-8"))
+        text = b"".join(f).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{name}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{name}: invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:  # one item too deep for the parser: parse the items one by one, so only that one is lost
+        yield from (RawRow(name, number, record=record, error=error) for number, (record, error) in enumerate(_json_items(text), start=1))
+        return
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -120,16 +156,55 @@ def _json(name: str, f: BinaryIO) -> Iterator[RawRow]:
         yield RawRow(name, number, record=record)
 
 
+def _json_items(text: str) -> Iterator[tuple[Any, str | None]]:
+    """(record, error) for each item of a top-level JSON list, found by tracking brackets outside strings."""
+    start = text.index("[") + 1 if text.lstrip().startswith("[") else 0
+    depth, in_string, escaped, item_start = 0, False, False, start
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_string:
+            escaped, in_string = (not escaped and c == "\\"), in_string and (escaped or c != '"')
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+        elif c in "]}" and depth:
+            depth -= 1
+        elif (c == "," or c == "]") and depth == 0:
+            yield _json_item(text[item_start:i])
+            item_start = i + 1
+            if c == "]":
+                return
+
+
+def _json_item(text: str) -> tuple[Any, str | None]:
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, "JSON nested too deeply to parse"
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON: {exc.msg}"
+
+
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
 
 
-def _csv(name: str, f: BinaryIO) -> Iterator[RawRow]:
-    """Bytes that are not UTF-8 are kept as surrogates so the row, not the file, is rejected."""
-    reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline=""))
+def _csv(name: str, text: io.TextIOWrapper, max_field_chars: int) -> Iterator[RawRow]:
+    """A field longer than max_field_chars is a bad row (the csv module's own limit, 131,072, would fail the file)."""
+    csv.field_size_limit(max(max_field_chars, 131_072))
+    reader = csv.DictReader(text)
     if not reader.fieldnames:
         raise DataError(f"{name}: CSV has no header row")
     columns = len(reader.fieldnames)
-    for record in reader:
+    while True:
+        line_before = reader.line_num
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # the reader goes on at the next line
+            yield RawRow(name, line_before + 1, error=f"unreadable CSV row: {exc} (data.max_row_chars={max_field_chars:,})")
+            continue
         number = reader.line_num
         if None in record or any(v is None for v in record.values()):
             yield RawRow(name, number, error=f"expected {columns} columns ({', '.join(reader.fieldnames)})")

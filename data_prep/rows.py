@@ -41,6 +41,8 @@ class RowSettings:
     max_row_chars: int
     seed: int
     eval_fraction: float
+    max_nesting: int = 32
+    quarantine_raw: bool = False  # write quarantined rows as they came, PII included
 
 
 @dataclass(slots=True)
@@ -199,23 +201,43 @@ class RowProcessor:
         )
 
     def row(self, raw: RawRow, settings: RowSettings, pii_counts: Counter) -> tuple[str, dict, bytes] | bytes:
-        """(format, canonical row, its JSON text); or, for a bad row, its quarantine.jsonl line."""
-        # a JSONL line has at least as many bytes as characters, so only long lines need counting
-        needs_size_check = raw.line is None or len(raw.line) > settings.max_row_chars
-        if raw.line is not None:
-            raw = parse_jsonl_line(raw.source, raw.row, raw.line)
-        if needs_size_check and raw.error is None:
-            raw = RawRow(raw.source, raw.row, raw.record, _size_error(raw.record, settings.max_row_chars))
+        """(format, canonical row, its JSON text); or, for a bad row, its quarantine.jsonl line. No row raises: what
+        this code did not foresee is quarantined with the exception, and counted like any other bad row."""
         try:
+            raw = self._checked(raw, settings)
             if raw.error:
                 raise RowError(raw.error)
             record = rename_columns(raw.record, dict(settings.columns))
             fmt, row = to_canonical(record, settings.fmt, settings.system_prompt, settings.system_mode)
+            row = map_texts(row, lambda text: self.redactor.redact(text, pii_counts))
+            return fmt, row, json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
         except RowError as exc:
-            return json.dumps({"source": raw.source, "row": raw.row, "reason": str(exc), "record": _preview(raw.record)},
-                              ensure_ascii=False).encode() + b"\n"
-        row = map_texts(row, lambda text: self.redactor.redact(text, pii_counts))
-        return fmt, row, json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
+            return self._quarantine_line(raw, str(exc), settings)
+        except Exception as exc:  # noqa: BLE001 - one row must never stop the stage
+            return self._quarantine_line(raw, f"row could not be processed: {type(exc).__name__}: {exc}", settings)
+
+    @staticmethod
+    def _checked(raw: RawRow, settings: RowSettings) -> RawRow:
+        """The row parsed (a JSONL line) and held to the size and nesting limits. A JSONL line has at least as many
+        bytes as characters and as many brackets as levels, so most lines need neither count."""
+        line = raw.line
+        if line is not None:
+            raw = parse_jsonl_line(raw.source, raw.row, line)
+        if raw.error is not None:
+            return raw
+        if line is None or len(line) > settings.max_row_chars or line.count(b"[") + line.count(b"{") > settings.max_nesting:
+            return RawRow(raw.source, raw.row, raw.record, _shape_error(raw.record, settings.max_row_chars, settings.max_nesting))
+        return raw
+
+    def _quarantine_line(self, raw: RawRow, reason: str, settings: RowSettings) -> bytes:
+        """The quarantine.jsonl line of a bad row: where it was, why, and its start, PII redacted unless
+        data.quarantine_raw (a code point JSON cannot encode as UTF-8 is written as its escape)."""
+        record = _preview(raw.record)
+        if not settings.quarantine_raw:
+            reason = self.redactor.redact(reason, Counter())
+            record = None if record is None else self.redactor.redact(record, Counter())
+        line = {"source": raw.source, "row": raw.row, "reason": reason, "record": record}
+        return json.dumps(line, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n"
 
 
 def held_out(key: int, eval_fraction: float, seed: int) -> bool:
@@ -229,25 +251,27 @@ def unit_hash(key: int, seed: int, purpose: str) -> float:
     return xxhash.xxh3_64_intdigest(f"{seed}:{purpose}:{key}".encode()) / 2**64
 
 
-def _size_error(record, limit: int) -> str | None:
-    size = _chars(record)
-    return f"row has {size:,} characters, above data.max_row_chars={limit:,}" if size > limit else None
-
-
-def _chars(value) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(_chars(v) for v in value.values())
-    if isinstance(value, list):
-        return sum(_chars(v) for v in value)
-    return 0
+def _shape_error(record, max_chars: int, max_nesting: int) -> str | None:
+    """Why a record is too deep or too big for a row, walking it without recursion (its depth is the question)."""
+    chars, stack = 0, [(record, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            chars += len(value)
+        elif isinstance(value, (dict, list)):
+            if depth > max_nesting:
+                return f"row is nested more than data.max_nesting={max_nesting} levels deep"
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return f"row has {chars:,} characters, above data.max_row_chars={max_chars:,}" if chars > max_chars else None
 
 
 def _preview(record) -> str | None:
     if record is None:
         return None
-    text = json.dumps(record, ensure_ascii=False, default=str)
+    try:
+        text = json.dumps(record, ensure_ascii=False, default=str)
+    except (RecursionError, ValueError):
+        return None
     return text if len(text) <= QUARANTINE_RECORD_CHARS else text[:QUARANTINE_RECORD_CHARS] + f"... ({len(text):,} characters)"
 
 

@@ -27,19 +27,20 @@ def iter_source(source: DataSource) -> Iterator[RawRow]:
         yield from chunk.raw_rows()
 
 
-def iter_chunks(source: DataSource) -> Iterator[RawChunk]:
-    """The rows of a source a chunk at a time, in a stable order (files sorted by name)."""
+def iter_chunks(source: DataSource, max_field_chars: int = 200_000) -> Iterator[RawChunk]:
+    """The rows of a source a chunk at a time, in a stable order (files sorted by name); a CSV field longer than
+    max_field_chars is a bad row."""
     if source.hub is not None:
         yield from in_chunks(_hub_rows(source))
         return
     path = source.path
     if "://" in path:
-        yield from _remote_rows(path, storage_options(source))
+        yield from _remote_rows(path, storage_options(source), max_field_chars)
     elif _is_saved_dataset(Path(path)):
         yield from in_chunks(_dataset_rows(path, _load_from_disk(path)))
     else:
         for file in local_files(path):
-            yield from read_stream(file, lambda file=file: open(file, "rb"), Path(file).stat().st_size)
+            yield from read_stream(file, lambda file=file: open(file, "rb"), Path(file).stat().st_size, max_field_chars)
 
 
 def storage_options(source: DataSource) -> dict:
@@ -75,7 +76,7 @@ def local_files(path: str) -> list[str]:
     return [path]
 
 
-def _remote_rows(url: str, options: dict) -> Iterator[RawChunk]:
+def _remote_rows(url: str, options: dict, max_field_chars: int) -> Iterator[RawChunk]:
     import fsspec
 
     try:
@@ -96,11 +97,17 @@ def _remote_rows(url: str, options: dict) -> Iterator[RawChunk]:
         for path in paths:
             name = fs.unstrip_protocol(path)
             size = fs.size(path)
-            yield from read_stream(name, lambda path=path: fs.open(path, "rb"), size)
+            yield from read_stream(name, lambda path=path: fs.open(path, "rb"), size, max_field_chars)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{url}: file not found") from None
     except PermissionError as exc:
         raise DataError(f"{url}: access denied ({exc}); check the credentials") from None
+    except Exception as exc:  # noqa: BLE001 - each backend raises its own (aiohttp, botocore, gcsfs): all mean "cannot read"
+        message = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise DataError(f"{url}: cannot read it ({type(exc).__name__}: {message}); is the network reachable from here "
+                        "and the URL right?") from None
 
 
 def files_behind(path: str) -> list[str]:

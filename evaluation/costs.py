@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import resource
 import threading
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from data_prep.files import atomic_write_json
+from recipes.loader import MAX_RECIPE_BYTES, RecipeError, parse_yaml
 from recipes.schema import CostSection, ServingCostSection
 
 HOURS_A_MONTH = 730
@@ -123,13 +125,13 @@ def load_prices(section: CostSection) -> dict[str, float]:
     if section.price_file is not None:
         path = Path(section.price_file)
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise CostError(f"cost.price_file: cannot read {path}: {exc}") from None
+            loaded = parse_yaml(path.read_text(), str(path)) if path.stat().st_size <= MAX_RECIPE_BYTES else "too big"
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecipeError) as exc:
+            raise CostError(f"cost.price_file: cannot read {path}: {' '.join(str(exc).split())}") from None
         if not isinstance(loaded, dict):
             raise CostError(f"cost.price_file: {path} must hold a mapping of device type to USD an hour, e.g. 'h100: 3.0'")
         for key, value in loaded.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise CostError(f"cost.price_file: {path}: {key}: {value!r} is not a price (USD an hour, >= 0)")
             prices[str(key).lower()] = float(value)
     return prices | section.prices

@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a recipe and print its resolved summary")
     _recipe_args(validate)
     validate.add_argument("--gpu", choices=GPU_CHOICES, help="also warn when training will not fit this GPU's memory")
+    validate.add_argument("--output-dir", default="runs", help="the folder runs will write to, checked for writability (default: ./runs)")
     validate.set_defaults(handler=_validate)
 
     estimate = sub.add_parser("estimate", help="parameters, peak GPU memory, tokens, time and cost of a recipe's training",
@@ -123,7 +124,12 @@ def _load(args) -> Recipe:
 
 
 def _validate(args) -> int:
+    """Everything that can be known before a run without running model code: the schema, the files and folders the
+    recipe names, the base model's config (read, never executed) against the LoRA settings, the chat template."""
+    from recipes.preflight import recipe_problems, target_module_problems
+
     recipe = _load(args)
+    problems = recipe_problems(recipe, args.output_dir)
     config = _model_config(recipe)
     if isinstance(config, str):
         print(f"note: {config}; the model-specific checks run when training starts", file=sys.stderr)
@@ -131,11 +137,14 @@ def _validate(args) -> int:
         from training.families import adapter_problems, family_for
 
         try:
-            problems = adapter_problems(family_for(config.model_type), recipe.training.lora)
+            problems += adapter_problems(family_for(config.model_type), recipe.training.lora)
+            problems += target_module_problems(recipe, config)
         except ValueError as exc:
-            problems = [f"model: {exc}"]
-        if problems:
-            raise RecipeError(problems)
+            problems.append(f"model: {exc}")
+    if problems:
+        raise RecipeError(problems)
+    for line in remote_code_lines(recipe):
+        print(line, file=sys.stderr)
     print(summary(recipe))
     for line in _template_lines(recipe, config):
         print(line)
@@ -170,8 +179,9 @@ def _template_lines(recipe: Recipe, config) -> list[str]:
         if tiny:
             train_tokenizer(family_for(config.model_type), ["Answer briefly. First question? First answer."]).save_pretrained(scratch)
             folder = scratch
-        try:
-            tokenizer = load_tokenizer(BaseModelRef(recipe.model.base, None, folder, config.model_type), recipe.model)
+        try:  # never the folder's own code here: validate reports what trust_remote_code would run (remote_code_lines)
+            model = recipe.model.model_copy(update={"trust_remote_code": False})
+            tokenizer = load_tokenizer(BaseModelRef(recipe.model.base, None, folder, config.model_type), model)
             return describe_template(tokenizer)
         except (ModelLoadError, MaskingError, TemplateError, ValueError) as exc:
             return [f"chat template: cannot render a probe conversation: {' '.join(str(exc).split())[:300]}"]
@@ -190,11 +200,31 @@ def _model_config(recipe: Recipe):
         return tiny_config(family_for(TINY_MODEL_TYPES[recipe.model.base[len(TINY_PREFIX):]]))
     from transformers import AutoConfig
 
-    try:
+    try:  # trust_remote_code=False whatever the recipe says: validating must not execute the model folder's code
         return AutoConfig.from_pretrained(recipe.model.base, revision=recipe.model.revision, local_files_only=True,
-                                          trust_remote_code=recipe.model.trust_remote_code)
+                                          trust_remote_code=False)
     except (OSError, ValueError) as exc:
         return f"the config of {recipe.model.base!r} is not available offline ({' '.join(str(exc).split())[:200]})"
+
+
+def remote_code_lines(recipe: Recipe) -> list[str]:
+    """What `model.trust_remote_code: true` would let a run import from a local base folder: the auto_map entries of
+    its config and tokenizer config, and the Python files there; read as text, never run."""
+    folder = Path(recipe.model.base)
+    if not recipe.model.trust_remote_code or not folder.is_dir():
+        return []
+    entries = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((folder / name).read_text()).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        entries += [f"{key} -> {value}" for key, value in auto_map.items()]
+    files = sorted(p.name for p in folder.glob("*.py"))
+    if not entries and not files:
+        return [f"note: model.trust_remote_code is true but {folder} holds no code (no auto_map, no .py files)"]
+    return [f"warning: model.trust_remote_code: a run will import and execute code from {folder}: "
+            f"{', '.join(entries) or 'no auto_map'}; files {', '.join(files) or 'none'}. validate did not run it."]
 
 
 def _fit_warnings(recipe: Recipe, config, gpu: str) -> list[str]:
@@ -319,8 +349,11 @@ def _run_flow(flow, args, on_result, governed: bool = False, **parameters) -> in
 
     from flows.finetune import governed as check_policy
 
+    from recipes.preflight import recipe_problems
+
     recipe = _load(args)
-    if problems := launch_problems(recipe.training.distributed):  # before any work, not after the data stage
+    # before any work, not after the data stage
+    if problems := launch_problems(recipe.training.distributed) + recipe_problems(recipe, args.output_dir):
         raise RecipeError(problems)
     if governed:  # a run that would weaken its model's policy is refused before Prefect starts
         check_policy(recipe, args.output_dir)
@@ -422,13 +455,15 @@ def exit_code_for(error: object) -> int:
     from training.backends import BackendError
     from training.families import UnsupportedFamilyError
     from training.launch import LaunchError
-    from training.models import ModelLoadError
+    from training.models import ModelLoadError, refused_input
     from training.tokenize import MaskingError
 
     from flows.approval import PromotionRefused
 
     if isinstance(error, (GateRejected, PromotionRefused)):
         return EXIT_GATE
+    if isinstance(error, BaseException) and refused_input(error) is not None:  # a pickle refused, a template that fails
+        return EXIT_INPUT
     if isinstance(error, (RecipeError, DataError, RowError, ModelLoadError, MaskingError, UnsupportedFamilyError, BackendError,
                           LaunchError)):
         return EXIT_INPUT

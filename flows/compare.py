@@ -38,7 +38,7 @@ def compare_models(recipe: RecipeName | Recipe = DEFAULT_RECIPE, bases: list[str
         output_dir: the folder that holds run folders and the registry
         force: run every stage again instead of reusing cached results
     """
-    recipe = _validated(recipe, overrides)
+    recipe = _validated(recipe, overrides, output_dir)
     if recipe.compare.promote_best:
         governed(recipe, output_dir)  # the best goes on to promotion: refuse now what would weaken its policy
     recipes = {base: recipe_for_base(recipe, base) for base in require_bases(recipe, bases)}

@@ -16,11 +16,12 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
-from data_prep.prepare import PreparedData, prepare_data, source_fingerprint
+from data_prep.prepare import PreparedData, prepare_data, redacted_section, source_fingerprint
 from evaluation.costs import UsageMeter, cost_report, gpus_in_use, metered, stage_usage
 from evaluation.evaluate import Champion, EvalResult, compare_with_champion, score_base_and_candidate
 from evaluation.gates import GateDecision, GateRejected, decide
 from recipes import Recipe, RecipeError, recipe_hash, recipe_names, resolve_recipe
+from recipes.preflight import recipe_problems
 from governance.runs import RunGovernance, govern, local_login
 from serving.export import ArtifactResult, export_artifact, record_in_manifest
 from serving.registry import PRODUCTION, Registry, Version, registry_for
@@ -139,6 +140,12 @@ def gate_task(recipe: Recipe, evaluation: EvalResult, governance: RunGovernance)
     return decision
 
 
+def manifest_recipe(recipe: Recipe) -> dict:
+    """The recipe as the manifest and the model card record it: its data section through the data stage's redactor
+    (a system prompt or a source name can hold personal data); recipe_hash is still the hash of the recipe as run."""
+    return {**recipe.model_dump(mode="json"), "data": redacted_section(recipe.data)}
+
+
 @task(name="export", cache_policy=StageCache(sections={"*": set()}, ignore={"started_at"}), persist_result=True, **RETRIES)
 @metered("export", gpus=1)
 def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evaluation: EvalResult,
@@ -147,7 +154,7 @@ def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evalua
     lineage = {
         "name": recipe.name,
         "run_started_at": started_at,
-        "recipe": recipe.model_dump(mode="json"),
+        "recipe": manifest_recipe(recipe),
         "recipe_hash": recipe_hash(recipe),
         "data": {"fingerprint": data.fingerprint, "train_rows": data.train_rows, "eval_rows": data.eval_rows,
                  "quarantined_rows": data.quarantined_rows, "report": data.report_path},
@@ -224,7 +231,7 @@ def finetune(recipe: RecipeName | Recipe = DEFAULT_RECIPE, overrides: dict[str, 
         output_dir: the folder that holds run folders and the registry, on the machine that runs the flow
         force: run every stage again instead of reusing cached results
     """
-    recipe = _validated(recipe, overrides)
+    recipe = _validated(recipe, overrides, output_dir)
     governance = governed(recipe, output_dir)  # before any work
     with _cache_refreshed(force):
         return _finetune(recipe, governance, output_dir)
@@ -323,13 +330,13 @@ def governed(recipe: Recipe, output_dir: str) -> RunGovernance:
     return govern(recipe, registry_for(recipe.registry.uri, output_dir) if recipe.registry.enabled else None)
 
 
-def _validated(recipe: RecipeName | Recipe | dict | str, overrides: dict[str, Any] | None) -> Recipe:
+def _validated(recipe: RecipeName | Recipe | dict | str, overrides: dict[str, Any] | None, output_dir: str | None = None) -> Recipe:
     """The recipe a run was given (name, object or mapping), overrides applied; refused with the recipe's own error
-    lines, and before any work when training cannot start here."""
+    lines, and before any work when training cannot start here or what it names is missing or unwritable."""
     from training.launch import launch_problems
 
     recipe = resolve_recipe(recipe, overrides)
-    if problems := launch_problems(recipe.training.distributed):
+    if problems := launch_problems(recipe.training.distributed) + recipe_problems(recipe, output_dir):
         raise RecipeError(problems)
     return recipe
 
@@ -357,7 +364,7 @@ def prepare(recipe: RecipeName | Recipe = DEFAULT_RECIPE, overrides: dict[str, A
         output_dir: the folder that holds run folders
         force: prepare the data again instead of reusing the cached result
     """
-    recipe = _validated(recipe, overrides)
+    recipe = _validated(recipe, overrides, output_dir)
     run_dir = run_folder(recipe, output_dir)
     with _cache_refreshed(force), run_folder_lock(run_dir, _flow_run_label()):
         data, _ = _prepared(recipe, run_dir)

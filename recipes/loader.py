@@ -5,6 +5,7 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -106,17 +107,87 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+MAX_RECIPE_BYTES = 256 * 1024  # a recipe is a page of settings; a bigger file is a mistake or an attack
+MAX_YAML_DEPTH = 32  # mappings and lists nested inside each other
+MAX_YAML_NODES = 50_000  # values once every alias is expanded (a "billion laughs" file is a few lines that expand to 10^9)
+
+
+class _RecipeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """yaml's safe loader, refusing a key given twice in one mapping (the last would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+                seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                continue  # an unhashable key: the constructor reports it
+            if first is not None:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first given on line {first})",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str):
+    """YAML text as Python values, with limits a hostile file cannot get past: nesting depth, and size once aliases
+    are expanded (checked on the events and the node graph, before anything is built); duplicate keys refused."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_RecipeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise RecipeError([f"{where}: nested more than {MAX_YAML_DEPTH} levels deep (line {event.start_mark.line + 1})"])
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if (expanded := _expanded_size(node, {}, set(), where)) > MAX_YAML_NODES:
+            raise RecipeError([f"{where}: {expanded:,} values once its aliases are expanded, above the limit of {MAX_YAML_NODES:,}"])
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, sizes: dict, open_nodes: set, where: str) -> int:
+    """Values a node stands for with every alias expanded (each shared node counted once per use, computed once)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise RecipeError([f"{where}: line {node.start_mark.line + 1}: an alias refers to a value that contains it"])
+    open_nodes.add(id(node))
+    children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+        node.value if isinstance(node, yaml.SequenceNode) else []
+    size = 1
+    for child in children:
+        size += _expanded_size(child, sizes, open_nodes, where)
+        if size > MAX_YAML_NODES:
+            break
+    open_nodes.discard(id(node))
+    sizes[id(node)] = size
+    return size
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError([f"{path}: recipe file not found"])
+    if (size := path.stat().st_size) > MAX_RECIPE_BYTES:
+        raise RecipeError([f"{path}: {size:,} bytes, above the {MAX_RECIPE_BYTES:,} a recipe may have"])
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as exc:
         raise RecipeError([f"{path}: not valid YAML: {' '.join(str(exc).split())}"]) from None
     except UnicodeDecodeError as exc:
         raise RecipeError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
     if data is None:
-        return {}
+        raise RecipeError([f"{path}: the recipe is empty (no settings, only blank lines or comments); write at least its name, "
+                           "e.g. name: my-model, or run the default with `ftpipe run quickstart`"])
     if not isinstance(data, dict):
         raise RecipeError([f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}"])
     return data
@@ -145,6 +216,9 @@ def _resolve_relative_paths(raw: dict[str, Any], base_dir: Path) -> None:
                 source["path"] = _anchor(source["path"], base_dir)
         if isinstance(suite.get("json_schema"), str):
             suite["json_schema"] = _anchor(suite["json_schema"], base_dir)
+    cost = raw.get("cost")
+    if isinstance(cost, dict) and isinstance(cost.get("price_file"), str):
+        cost["price_file"] = _anchor(cost["price_file"], base_dir)
     model = raw.get("model")
     if isinstance(model, dict):
         for key in ("base", "chat_template"):
@@ -153,7 +227,13 @@ def _resolve_relative_paths(raw: dict[str, Any], base_dir: Path) -> None:
                 model[key] = _anchor(value, base_dir)
 
 
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def _anchor(value: str, base_dir: Path) -> str:
+    """A relative path made absolute from the recipe's folder; URLs (https://, s3://, ...) stay as written."""
+    if URL.match(value):
+        return value
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 
@@ -167,7 +247,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     if not keys:
         raise RecipeError([f"--set {override}: empty field path"])
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text, f"--set {dotted}") if text.strip() else None
     except yaml.YAMLError:
         value = text
     _set_path(raw, keys, value, dotted)

@@ -5,8 +5,10 @@ than a silently ignored setting. Each stage receives only its own section.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -37,9 +39,43 @@ REFUSAL_MARKERS = ("i can't", "i cannot", "i can not", "i won't", "i will not", 
 
 
 class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, values are checked on assignment too."""
+    """Base of every recipe section: unknown keys are errors, values are checked on assignment too, numbers are finite
+    (YAML's .inf and .nan are refused) and a boolean is never taken for a number (`r: true` is not rank 1)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value, info):
+        annotation = cls.model_fields[info.field_name].annotation
+        values = value.values() if isinstance(value, dict) and get_origin(annotation) is dict else [value]
+        numeric = _numeric(get_args(annotation)[1] if get_origin(annotation) is dict else annotation)
+        if numeric and any(isinstance(v, bool) for v in values):
+            raise ValueError("expected a number, got a boolean")
+        return value
+
+
+def _numeric(annotation) -> bool:
+    """Whether a field takes numbers and not booleans (int, float, int | None, ...)."""
+    options = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    return bool(options & {int, float}) and bool not in options
+
+
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes of a size as transformers' max_shard_size takes it: an int, or a number and a unit (5GB, 500MiB)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)\s*", str(value), re.IGNORECASE)
+        if not match:
+            raise ValueError(f"{value!r} is not a size: write a number and a unit, e.g. 5GB, 500MB, 2GiB")
+        size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+    if size < 1:
+        raise ValueError(f"{value!r}: a size must be at least 1 byte")
+    return size
 
 
 class ModelSection(Section):
@@ -115,7 +151,7 @@ class DataSource(Section):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename source columns before format detection, e.g. {question: prompt, answer: completion}."
     )
-    weight: float = Field(1.0, gt=0, description="Mixing weight: each row is kept weight times (2 = every row twice, 0.5 = a "
+    weight: float = Field(1.0, gt=0, le=1000, description="Mixing weight: each row is kept weight times (2 = every row twice, 0.5 = a "
                           "deterministic half).")
     max_samples: int | None = Field(None, gt=0, description="Read at most this many valid rows from this source.")
     credentials_block: str | None = Field(
@@ -156,7 +192,7 @@ class ContaminationSection(Section):
     ngram: int = Field(8, ge=3, le=50, description="Word n-gram length compared.")
     min_overlap: float = Field(0.5, gt=0, le=1, description="Share of an eval prompt's n-grams found in one training row that counts as contamination.")
     remove: bool = Field(False, description="Remove contaminated training rows (otherwise only report them).")
-    max_eval_rows: int = Field(10_000, gt=0, description="Eval rows indexed for the check (bounds memory).")
+    max_eval_rows: int = Field(10_000, gt=0, le=10_000_000, description="Eval rows indexed for the check (bounds memory).")
 
 
 class DataSection(Section):
@@ -168,7 +204,7 @@ class DataSection(Section):
         description="Held-out evaluation data. When empty, eval_fraction of the sources is split off instead.",
     )
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows held out for evaluation when there are no eval_sources.")
-    seed: int = Field(42, description="Seed of the deterministic split and of weighted down-sampling.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of the deterministic split and of weighted down-sampling.")
     system_prompt: str | None = Field(None, description="System message for chat rows (see system_prompt_mode).")
     system_prompt_mode: Literal["add", "replace"] = Field(
         "add", description="add: only to rows without a system message; replace: every row gets this one."
@@ -176,8 +212,12 @@ class DataSection(Section):
     max_invalid_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail the stage when more than this share of rows is quarantined."
     )
-    max_row_chars: int = Field(200_000, gt=0, description="Quarantine rows with more characters than this (a runaway string).")
-    min_tokens: int = Field(1, ge=1, description="Drop rows shorter than this many tokens (model tokenizer, chat template applied).")
+    max_row_chars: int = Field(200_000, gt=0, le=100_000_000, description="Quarantine rows with more characters than this (a "
+                               "runaway string); a CSV field longer than this is a bad row too.")
+    max_nesting: int = Field(32, ge=3, le=1000, description="Quarantine rows whose JSON nests objects and lists deeper than this.")
+    quarantine_raw: bool = Field(False, description="Write quarantined rows as they came. By default quarantine.jsonl is redacted "
+                                 "like the training rows (pii.types), so the file of bad rows is no back door for personal data.")
+    min_tokens: int = Field(1, ge=1, le=10_485_760, description="Drop rows shorter than this many tokens (model tokenizer, chat template applied).")
     max_tokens: int | None = Field(
         None, gt=0, description="Rows longer than this many tokens (default: training.max_seq_length) are handled per `overlong`."
     )
@@ -190,15 +230,31 @@ class DataSection(Section):
     workers: int = Field(2, ge=1, le=64, description="Processes that parse, clean and hash rows in parallel.")
 
 
+LORA_PRESETS = ("attention", "all-linear", "experts")
+
+
 class LoraSection(Section):
     r: int = Field(16, gt=0, le=512, description="LoRA rank. Higher adds capacity and memory; vLLM serves ranks up to 512.")
-    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    alpha: int = Field(32, gt=0, le=65_536, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input. 0 lets unsloth use its fast path.")
-    target_modules: Literal["attention", "all-linear", "experts"] | list[str] = Field(
+    target_modules: Literal[LORA_PRESETS] | list[str] = Field(  # type: ignore[valid-type]
         "all-linear",
         description="Which layers get adapters: a preset resolved by the model family (attention | all-linear | "
-        "experts: a mixture-of-experts model's expert weights besides attention), or explicit module names.",
+        "experts: a mixture-of-experts model's expert weights besides attention), or explicit module names (checked "
+        "against the base model's modules when its config is readable).",
     )
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _preset_or_names(cls, value):
+        if isinstance(value, str) and value not in LORA_PRESETS:
+            raise ValueError(f"{value!r} is not a preset ({', '.join(LORA_PRESETS)}); for module names give a list, e.g. [q_proj, v_proj]")
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list adapts nothing; name modules (e.g. [q_proj, v_proj]) or use a preset")
+            if bad := [i for i, name in enumerate(value) if not isinstance(name, str) or not name.strip()]:
+                raise ValueError(f"item {bad[0]} is not a module name (got {value[bad[0]]!r})")
+        return value
+
     use_dora: bool = Field(False, description="DoRA (weight-decomposed LoRA). vLLM does not serve DoRA adapters: export ships the merged model.")
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r), which keeps high ranks stable. Served by vLLM.")
     modules_to_save: list[str] = Field(
@@ -217,7 +273,7 @@ class QuantizationSection(Section):
 
 
 class DpoSection(Section):
-    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (the base with the adapter "
+    beta: float = Field(0.1, gt=0, le=1000, description="How far the policy may move from the reference (the base with the adapter "
                         "off): lower lets it move further.")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
         "sigmoid", description="trl's DPO loss: sigmoid (the DPO paper), ipo, hinge (SLiC) or robust (noisy labels)."
@@ -255,19 +311,19 @@ class TrainingSection(Section):
     )
     lora: LoraSection = Field(default_factory=LoraSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection, description="The 4-bit base of adapter: qlora.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training rows (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps; overrides epochs.")
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training rows (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, le=100_000_000, description="Stop after this many optimizer steps; overrides epochs.")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of the adapter weights.")
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
-    batch_size: int = Field(8, gt=0, description="Rows per device per step. Higher is faster and uses more memory.")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches summed per optimizer step.")
-    max_seq_length: int = Field(2048, gt=0, description="Longest row in tokens; longer rows are quarantined, never cut silently.")
+    batch_size: int = Field(8, gt=0, le=65_536, description="Rows per device per step. Higher is faster and uses more memory.")
+    gradient_accumulation_steps: int = Field(1, gt=0, le=65_536, description="Micro-batches summed per optimizer step.")
+    max_seq_length: int = Field(2048, gt=0, le=10_485_760, description="Longest row in tokens; longer rows are quarantined, never cut silently.")
     packing: bool = Field(False, description="Pack several rows into one sequence (padding-free, no attention across rows).")
-    seed: int = Field(42, description="Seed for adapter initialisation and data order.")
-    logging_steps: int = Field(10, gt=0, description="Log loss every N steps.")
-    save_steps: int = Field(100, gt=0, description="Checkpoint every N optimizer steps; a rerun resumes from the latest.")
-    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (the newest ones).")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for adapter initialisation and data order.")
+    logging_steps: int = Field(10, gt=0, le=100_000_000, description="Log loss every N steps.")
+    save_steps: int = Field(100, gt=0, le=100_000_000, description="Checkpoint every N optimizer steps; a rerun resumes from the latest.")
+    save_total_limit: int = Field(2, gt=0, le=1000, description="Checkpoints kept (the newest ones).")
     min_trained_token_fraction: float = Field(
         0.01, ge=0, le=1, description="Fail when fewer than this share of non-pad tokens carry a loss (masking gone wrong)."
     )
@@ -375,12 +431,12 @@ class Gate(Section):
 
 
 class GenerationSection(Section):
-    max_new_tokens: int = Field(64, gt=0, description="Longest generated answer in evaluation.")
-    batch_size: int = Field(16, gt=0, description="Prompts generated together.")
+    max_new_tokens: int = Field(64, gt=0, le=131_072, description="Longest generated answer in evaluation.")
+    batch_size: int = Field(16, gt=0, le=4096, description="Prompts generated together.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding (greedy is the default: reproducible, comparable).")
     temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature (do_sample only).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (do_sample only).")
-    seed: int = Field(0, description="Seed set before each model's generations, so base and candidate draw alike (do_sample only).")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed set before each model's generations, so base and candidate draw alike (do_sample only).")
 
     def sampling(self) -> dict:
         """Keyword arguments for transformers' generate()."""
@@ -460,7 +516,7 @@ class SafetySection(Section):
                              "names and demographic terms swapped; reports how often the answer changes.")
     refusal_markers: list[str] = Field(default_factory=lambda: list(REFUSAL_MARKERS), min_length=1,
                                        description="Phrases (case-insensitive) that mark an answer as a refusal.")
-    max_new_tokens: int = Field(64, gt=0, description="Longest answer generated for a probe.")
+    max_new_tokens: int = Field(64, gt=0, le=131_072, description="Longest answer generated for a probe.")
 
     def metric_keys(self) -> list[str]:
         if not self.enabled:
@@ -527,14 +583,20 @@ class ExportSection(Section):
     )
     merged: bool = Field(True, description="Write model/: the adapter merged into the 16-bit base.")
     adapter: bool = Field(True, description="Write adapter/: the LoRA adapter for vLLM multi-LoRA serving.")
-    max_shard_size: str = Field("5GB", description="Largest safetensors shard.")
-    check_prompts: int = Field(4, gt=0, description="Eval prompts used to compare the merged model with the adapter model.")
-    max_model_len: int | None = Field(None, gt=0, description="vLLM --max-model-len (default: training.max_seq_length).")
-    tensor_parallel_size: int = Field(1, gt=0, description="vLLM --tensor-parallel-size in the launch files (GPUs per replica).")
+    max_shard_size: str = Field("5GB", description="Largest safetensors shard: a number and a unit (5GB, 500MB, 2GiB).")
+    check_prompts: int = Field(4, gt=0, le=1000, description="Eval prompts used to compare the merged model with the adapter model.")
+    max_model_len: int | None = Field(None, gt=0, le=10_485_760, description="vLLM --max-model-len (default: training.max_seq_length).")
+    tensor_parallel_size: int = Field(1, gt=0, le=1024, description="vLLM --tensor-parallel-size in the launch files (GPUs per replica).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization: share of GPU memory for "
                                           "weights and KV cache.")
     vllm_image: str = Field("vllm/vllm-openai:v0.33.0", min_length=1, description="Container image of the Kubernetes manifest "
                             "(pin a tag your cluster has tested).")
+
+    @field_validator("max_shard_size", mode="before")
+    @classmethod
+    def _a_size(cls, value):
+        parse_size(value)
+        return str(value) if isinstance(value, int) else value
 
     @model_validator(mode="after")
     def _something_to_export(self) -> "ExportSection":

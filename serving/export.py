@@ -17,7 +17,7 @@ from pathlib import Path
 from data_prep.formats import conversation_of
 from data_prep.files import sha256_file, atomic_write_json, atomic_write_text, checksums
 from data_prep.prepare import read_jsonl
-from recipes.schema import ExportSection, ModelSection
+from recipes.schema import ExportSection, ModelSection, parse_size
 from serving.assets import write_serving_assets
 from serving.cards import model_card
 from serving.checks import ADAPTER_FILES, check_adapter_servable, check_artifact, check_checksums, check_merged_model, check_template_matches_training
@@ -116,7 +116,7 @@ def _write_merged(section: ExportSection, model_section: ModelSection, trained: 
         del merged.config.quantization_config
     merged.generation_config.eos_token_id = _stop_ids(tokenizer, merged)
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    merged.save_pretrained(model_dir, max_shard_size=section.max_shard_size)
+    merged.save_pretrained(model_dir, max_shard_size=parse_size(section.max_shard_size))
     _ensure_index(model_dir)
     tokenizer.save_pretrained(model_dir)
     save_render_settings(tokenizer, model_dir)

@@ -79,11 +79,16 @@ def test_an_io_failure_is_retried_and_a_bad_input_is_not(prefect_server, tmp_pat
     run_prepare(tmp_path, force=True)
     assert len(calls) == 2
 
-    recipe = resolve_recipe("quickstart", {"data.sources.0.path": str(tmp_path / "missing.jsonl")})
+    (tmp_path / "garbage.jsonl").write_text("not json\n" * 20)
+    recipe = resolve_recipe("quickstart", {"data.sources.0.path": str(tmp_path / "garbage.jsonl")})
     calls.clear()
     monkeypatch.setattr(finetune_module, "prepare_data", lambda section, out_dir: calls.append(1) or real(section, out_dir))
     state = prepare(recipe, output_dir=str(tmp_path), return_state=True)
-    assert state.is_failed() and len(calls) == 1
+    assert state.is_failed() and len(calls) == 1 and "data.max_invalid_fraction" in state.message
+
+    missing = resolve_recipe("quickstart", {"data.sources.0.path": str(tmp_path / "missing.jsonl")})  # refused before any stage
+    state = prepare(missing, output_dir=str(tmp_path), return_state=True)
+    assert state.is_failed() and len(calls) == 1 and f"data.sources[0].path: {tmp_path / 'missing.jsonl'}: file not found" in state.message
 
 
 @pytest.mark.parametrize(("error", "retried"), [

@@ -20,6 +20,21 @@ class ModelLoadError(ValueError):
     """The base model or its tokenizer cannot be used; the message says which and why."""
 
 
+def refused_input(exc: BaseException) -> ModelLoadError | None:
+    """The ModelLoadError a fault of the model folder becomes, wherever it surfaces (the training worker, evaluation):
+    a pickle that torch's weights-only loader refuses to run, a chat template that does not compile or render."""
+    import pickle
+
+    from jinja2 import TemplateError
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return ModelLoadError(f"model weights: refused to unpickle a checkpoint that is not plain tensors (weights-only "
+                              f"loading; ship safetensors): {_first_line(exc)[:300]}")
+    if isinstance(exc, TemplateError):
+        return ModelLoadError(f"chat template: {type(exc).__name__}: {_first_line(exc)[:300]}")
+    return None
+
+
 @dataclass
 class BaseModelRef:
     """Where the base model is and what it is; recorded in the artifact's lineage."""

@@ -35,13 +35,17 @@ def main(spec_path: str) -> None:
     log.info("backend: %s (%s)", backend, why)
     from data_prep.readers import DataError
     from training.families import UnsupportedFamilyError
-    from training.models import ModelLoadError
+    from training.models import ModelLoadError, refused_input
     from training.tokenize import MaskingError
 
     try:
         result = run(spec, backend, why)
     except (MaskingError, ModelLoadError, DataError, UnsupportedFamilyError) as exc:  # input problems: hand them back as themselves
         result = {"error": type(exc).__name__, "message": str(exc)}
+    except Exception as exc:
+        if (refused := refused_input(exc)) is None:
+            raise
+        result = {"error": "ModelLoadError", "message": str(refused)}
     if rank() == 0:
         Path(spec["result_path"]).write_text(json.dumps(result, indent=2))
 
