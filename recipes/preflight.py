@@ -39,9 +39,10 @@ def _source_problems(field: str, sources) -> list[str]:
 
 
 def _template_problems(recipe: Recipe) -> list[str]:
-    """A chat template override that is missing or does not compile (compiling runs nothing)."""
+    """A chat template override that is missing or does not compile, compiled as transformers compiles it for
+    apply_chat_template (its sandbox, `{% generation %}` and loop controls); compiling runs nothing."""
     from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
     template = recipe.model.chat_template
     if not template:
@@ -51,7 +52,7 @@ def _template_problems(recipe: Recipe) -> list[str]:
             return [f"model.chat_template: file not found: {template}"]
         template = Path(template).read_text(encoding="utf-8", errors="replace")
     try:
-        ImmutableSandboxedEnvironment().parse(template)
+        _compile_jinja_template(template)
     except TemplateError as exc:
         line = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
         return [f"model.chat_template: not a valid Jinja template{line}: {exc.message or exc}"]

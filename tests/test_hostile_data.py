@@ -154,3 +154,22 @@ def test_the_manifest_and_card_show_the_data_section_redacted():
     assert shown["data"]["system_prompt"] == "Escalate to <EMAIL> or <PHONE>"
     assert "jane.doe" not in json.dumps(shown) and recipe_hash(recipe) != recipe_hash(recipe_from_dict({}))
     assert {k: v for k, v in shown.items() if k != "data"} == {k: v for k, v in recipe.model_dump(mode="json").items() if k != "data"}
+
+
+def test_a_failure_no_check_foresaw_is_quarantined_with_its_exception(tmp_path, monkeypatch):
+    import data_prep.rows as rows_module
+
+    real = rows_module.to_canonical
+
+    def fragile(record, *args):
+        if "boom" in json.dumps(record):
+            raise KeyError("an unforeseen bug")
+        return real(record, *args)
+
+    monkeypatch.setattr(rows_module, "to_canonical", fragile)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([json.dumps(r) for r in GOOD] + [_chat("boom")]) + "\n")
+    data = prepare_data(_section(path), tmp_path / "out")
+    (bad,) = read_jsonl(data.quarantine_path)
+    assert (bad["row"], bad["reason"]) == (41, "row could not be processed: KeyError: 'an unforeseen bug'")
+    assert data.sources[0].reconciles() and data.train_rows + data.eval_rows == 40

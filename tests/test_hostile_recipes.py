@@ -224,3 +224,8 @@ def test_a_pickle_the_loader_refuses_and_a_broken_template_are_input_errors(tmp_
     assert str(refused_input(info.value)).startswith("model weights: refused to unpickle a checkpoint that is not plain tensors")
     assert exit_code_for(TemplateSyntaxError("unexpected '}'", 1)) == EXIT_INPUT
     assert exit_code_for(RuntimeError("a bug")) == 3
+
+
+def test_a_template_transformers_compiles_is_not_refused():
+    template = "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% endif %}{% endfor %}"
+    assert recipe_problems(recipe_from_dict({"model": {"chat_template": template}})) == []
