@@ -113,7 +113,8 @@ def test_missing_data_file_exits_2_with_the_file_named(tmp_path):
     missing = tmp_path / "nope.jsonl"
     result = run_ftpipe("run", "quickstart", "--set", f"data.sources.0.path={missing}", "--output-dir", str(tmp_path))
     assert result.returncode == 2
-    assert f"error: {missing}: file not found" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"data.sources[0].path: {missing}: file not found"  # before any work
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow
