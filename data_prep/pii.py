@@ -147,7 +147,6 @@ class Redactor:
 
     def __init__(self, types: Iterable[str]):
         wanted = set(types)
-        self.types = list(dict.fromkeys(d.kind for d in DETECTORS if d.kind in wanted))
         self._detectors = [d for d in DETECTORS if d.kind in wanted]
 
     def redact(self, text: str, counts: Counter) -> str:

@@ -221,9 +221,10 @@ class _SplitWriter:
         self.train_out, self.eval_out, self.quarantine, self.grams_out = train_out, eval_out, quarantine, grams_out
         self.kinds = kinds
         self.pii_types = redacted_types(section)
+        self.redactor = Redactor(self.pii_types)
 
     def consume(self, source: DataSource, role: str, chunks: Iterator[ChunkResult], dedup: Deduplicator) -> SourceCounts:
-        count = SourceCounts(path=redact_tree(source.name, Redactor(self.pii_types)), role=role)
+        count = SourceCounts(path=self.redactor.redact(source.name, Counter()), role=role)
         removed: Counter[str] = Counter()
         formats, kinds = np.zeros(len(FORMATS), dtype=np.int64), np.zeros(len(KINDS), dtype=np.int64)
         pii = np.zeros(len(self.pii_types), dtype=np.int64)

@@ -146,7 +146,8 @@ def _json(name: str, f: Iterable[bytes]) -> Iterator[RawRow]:
     except json.JSONDecodeError as exc:
         raise DataError(f"{name}: invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:  # one item too deep for the parser: parse the items one by one, so only that one is lost
-        yield from (RawRow(name, number, record=record, error=error) for number, (record, error) in enumerate(_json_items(text), start=1))
+        for number, item in enumerate(_json_items(text), start=1):
+            yield parse_jsonl_line(name, number, item.encode("utf-8", "surrogatepass"))
         return
     if isinstance(data, dict):
         data = [data]
@@ -156,8 +157,8 @@ def _json(name: str, f: Iterable[bytes]) -> Iterator[RawRow]:
         yield RawRow(name, number, record=record)
 
 
-def _json_items(text: str) -> Iterator[tuple[Any, str | None]]:
-    """(record, error) for each item of a top-level JSON list, found by tracking brackets outside strings."""
+def _json_items(text: str) -> Iterator[str]:
+    """The text of each item of a top-level JSON list, found by tracking brackets outside strings."""
     start = text.index("[") + 1 if text.lstrip().startswith("[") else 0
     depth, in_string, escaped, item_start = 0, False, False, start
     for i in range(start, len(text)):
@@ -171,19 +172,10 @@ def _json_items(text: str) -> Iterator[tuple[Any, str | None]]:
         elif c in "]}" and depth:
             depth -= 1
         elif (c == "," or c == "]") and depth == 0:
-            yield _json_item(text[item_start:i])
+            yield text[item_start:i]
             item_start = i + 1
             if c == "]":
                 return
-
-
-def _json_item(text: str) -> tuple[Any, str | None]:
-    try:
-        return json.loads(text), None
-    except RecursionError:
-        return None, "JSON nested too deeply to parse"
-    except json.JSONDecodeError as exc:
-        return None, f"invalid JSON: {exc.msg}"
 
 
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8

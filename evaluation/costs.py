@@ -17,10 +17,9 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
 
 from data_prep.files import atomic_write_json
-from recipes.loader import MAX_RECIPE_BYTES, RecipeError, parse_yaml
+from recipes.loader import RecipeError, read_yaml_file
 from recipes.schema import CostSection, ServingCostSection
 
 HOURS_A_MONTH = 730
@@ -125,9 +124,11 @@ def load_prices(section: CostSection) -> dict[str, float]:
     if section.price_file is not None:
         path = Path(section.price_file)
         try:
-            loaded = parse_yaml(path.read_text(), str(path)) if path.stat().st_size <= MAX_RECIPE_BYTES else "too big"
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecipeError) as exc:
-            raise CostError(f"cost.price_file: cannot read {path}: {' '.join(str(exc).split())}") from None
+            loaded = read_yaml_file(path, "price list")
+        except OSError as exc:
+            raise CostError(f"cost.price_file: cannot read {path}: {exc}") from None
+        except RecipeError as exc:
+            raise CostError(f"cost.price_file: cannot read {path}: {exc.lines[0].removeprefix(f'{path}: ')}") from None
         if not isinstance(loaded, dict):
             raise CostError(f"cost.price_file: {path} must hold a mapping of device type to USD an hour, e.g. 'h100: 3.0'")
         for key, value in loaded.items():

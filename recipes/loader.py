@@ -174,17 +174,23 @@ def _expanded_size(node, sizes: dict, open_nodes: set, where: str) -> int:
     return size
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise RecipeError([f"{path}: recipe file not found"])
+def read_yaml_file(path: Path, what: str = "recipe"):
+    """A YAML file's values under parse_yaml's limits and a size limit; a bad file is a RecipeError naming it (a file
+    that cannot be opened raises the OSError)."""
     if (size := path.stat().st_size) > MAX_RECIPE_BYTES:
-        raise RecipeError([f"{path}: {size:,} bytes, above the {MAX_RECIPE_BYTES:,} a recipe may have"])
+        raise RecipeError([f"{path}: {size:,} bytes, above the {MAX_RECIPE_BYTES:,} a {what} may have"])
     try:
-        data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+        return parse_yaml(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as exc:
         raise RecipeError([f"{path}: not valid YAML: {' '.join(str(exc).split())}"]) from None
     except UnicodeDecodeError as exc:
         raise RecipeError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError([f"{path}: recipe file not found"])
+    data = read_yaml_file(path)
     if data is None:
         raise RecipeError([f"{path}: the recipe is empty (no settings, only blank lines or comments); write at least its name, "
                            "e.g. name: my-model, or run the default with `ftpipe run quickstart`"])

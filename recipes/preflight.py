@@ -44,13 +44,14 @@ def _template_problems(recipe: Recipe) -> list[str]:
     from jinja2 import TemplateError
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    template = recipe.model.chat_template
+    from training.models import ModelLoadError, chat_template_override
+
+    try:
+        template = chat_template_override(recipe.model)
+    except (ModelLoadError, UnicodeDecodeError) as exc:
+        return [str(exc) if isinstance(exc, ModelLoadError) else f"model.chat_template: not UTF-8 text ({exc.reason})"]
     if not template:
         return []
-    if "\n" not in template and template.endswith(".jinja"):
-        if not Path(template).is_file():
-            return [f"model.chat_template: file not found: {template}"]
-        template = Path(template).read_text(encoding="utf-8", errors="replace")
     try:
         _compile_jinja_template(template)
     except TemplateError as exc:

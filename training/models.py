@@ -180,15 +180,17 @@ def fit_embeddings(model, tokenizer) -> bool:
 
 
 def _chat_template(section: ModelSection, tokenizer, family: Family) -> str:
+    return chat_template_override(section) or tokenizer.chat_template or family.chat_template
+
+
+def chat_template_override(section: ModelSection) -> str | None:
+    """model.chat_template's text: the template itself, or read from the .jinja file it names."""
     override = section.chat_template
-    if override:
-        path = Path(override)
-        if "\n" not in override and override.endswith(".jinja"):
-            if not path.is_file():
-                raise ModelLoadError(f"model.chat_template: file not found: {override}")
-            return path.read_text(encoding="utf-8")
-        return override
-    return tokenizer.chat_template or family.chat_template
+    if override and "\n" not in override and override.endswith(".jinja"):
+        if not Path(override).is_file():
+            raise ModelLoadError(f"model.chat_template: file not found: {override}")
+        return Path(override).read_text(encoding="utf-8")
+    return override
 
 
 def _first_line(exc: BaseException) -> str:
