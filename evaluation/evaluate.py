@@ -48,6 +48,8 @@ class EvalResult:
     outcomes_vs_champion: dict[str, dict[str, int]] = field(default_factory=dict)
     scores: dict[str, "ModelScores"] = field(default_factory=dict, repr=False)  # every answer, for a later champion comparison
     generation: dict[str, dict] = field(default_factory=dict)  # model -> generated tokens, seconds, tokens/s, device
+    quantized: dict[str, float] | None = None  # quantized.<metric> of the quantized export (export.quantize)
+    quantization: dict | None = None  # how it was made and scored, its size and its delta against the 16-bit candidate
 
     @property
     def delta(self) -> dict[str, float]:
@@ -61,7 +63,11 @@ class EvalResult:
         return {"report_path": self.report_path, "examples": self.examples, "base": self.base, "candidate": self.candidate,
                 "delta": self.delta, "outcomes": self.outcomes, "champion": self.champion, "champion_info": self.champion_info,
                 "delta_vs_champion": self.delta_vs_champion, "outcomes_vs_champion": self.outcomes_vs_champion,
-                "generation": self.generation}
+                "generation": self.generation, "quantized": self.quantized, "quantization": self.quantization}
+
+    def gated(self) -> dict[str, float]:
+        """What gates read of the candidate: its metrics and those of its quantized export."""
+        return self.candidate | (self.quantized or {})
 
 
 @dataclass

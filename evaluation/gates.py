@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from recipes.schema import Gate
+from recipes.schema import QUANTIZED, Gate
 
 
 class GateRejected(RuntimeError):
@@ -49,10 +49,18 @@ NO_CHAMPION = "passes: no other model in production (none yet, or it is this ver
 
 def decide(gates: list[Gate], candidate: dict[str, float], base: dict[str, float], champion: dict[str, float] | None = None) -> GateDecision:
     """Apply each gate to the candidate's metrics (and the base's or champion's, for deltas). With no champion (the
-    first version of a model), gates against the champion pass and say so."""
-    references = {"base": base, "champion": champion}
+    first version of a model), gates against the champion pass and say so. The candidate's quantized.<metric> (a
+    quantized export) is compared with the same metric of the 16-bit candidate (unquantized), the base or the champion."""
+    unquantized = {k: v for k, v in candidate.items() if not k.startswith(f"{QUANTIZED}.")}
+    references = {"base": _with_quantized_names(base), "champion": _with_quantized_names(champion),
+                  "unquantized": _with_quantized_names(unquantized)}
     results = [_apply(gate, candidate, references) for gate in gates]
     return GateDecision(passed=all(r.passed for r in results), results=results)
+
+
+def _with_quantized_names(metrics: dict[str, float] | None) -> dict[str, float] | None:
+    """A reference model's metrics also under quantized.<metric>, to compare a quantized export with."""
+    return None if metrics is None else metrics | {f"{QUANTIZED}.{k}": v for k, v in metrics.items()}
 
 
 def _apply(gate: Gate, candidate: dict[str, float], references: dict[str, dict[str, float] | None]) -> GateResult:

@@ -76,7 +76,17 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-artifact", help="verify an exported artifact as vLLM would load it; one line per problem, exit 1 on any")
     check.add_argument("path", help="the artifact folder (runs/<run>/artifact, or a registry version folder)")
+    check.add_argument("--vllm-python", help="also run vLLM's own code on it with this Python of a vLLM environment "
+                       "(`ftpipe vllm-env`; default: $FTPIPE_VLLM_PYTHON)")
+    check.add_argument("--rows", help="chat rows (JSONL, e.g. the run's data/eval.jsonl) vLLM renders and compares with training's "
+                       "encoding (default: probe conversations)")
     check.set_defaults(handler=_check_artifact)
+
+    vllm_env = _tool_env_parser(sub, "vllm-env", "vLLM for check-artifact --vllm-python", ".vllm",
+                                "the one ftpipe runs with; `pinned`: the one vLLM pins", _vllm_env)
+    vllm_env.add_argument("--full", action="store_true", help="every vLLM requirement, GPU kernels included (to run `vllm serve` on a GPU)")
+    _tool_env_parser(sub, "quantize-env", "llm-compressor for export.quantize", ".quantize",
+                     "2.13.0, whose CPU build needs no CUDA download; fp8_dynamic and w4a16 need no GPU to quantize", _quantize_env)
 
     smoke = sub.add_parser("smoke", help="send eval prompts to an OpenAI-compatible server: exact match and latency")
     smoke.add_argument("--base-url", required=True, help="the server's API root, e.g. http://127.0.0.1:8000/v1")
@@ -400,14 +410,64 @@ def _serve(args) -> int:
 
 def _check_artifact(args) -> int:
     from serving.checks import check_artifact
+    from serving.vllm_env import VllmEnvError, check_with_vllm, vllm_python
 
     root = Path(args.path)
     problems = check_artifact(root)
+    checked = "files and checksums, config, weights, tokenizer, chat template, stop tokens, adapter, launch files"
+    python = vllm_python(args.vllm_python)
+    if python and (root / "model").is_dir():
+        rows = None
+        if args.rows:
+            from data_prep.prepare import read_jsonl
+
+            rows = [row for row in read_jsonl(args.rows) if "messages" in row]
+        try:
+            verdicts = check_with_vllm(root, python, rows)
+        except VllmEnvError as exc:
+            raise RecipeError([f"--vllm-python: {exc}"]) from None
+        problems += [f"vllm: {v['check']}: {v['detail']}" for v in verdicts if not v["ok"]]
+        checked += f"; vLLM's own code: {len(verdicts)} checks"
     for problem in problems:
         print(f"FAIL {problem}")
-    print(f"{root}: " + (f"{len(problems)} problem(s)" if problems else "PASS (files and checksums, config, weights, tokenizer, "
-                                                                      "chat template, stop tokens, adapter, launch files)"))
+    print(f"{root}: " + (f"{len(problems)} problem(s)" if problems else f"PASS ({checked})"))
     return EXIT_GATE if problems else EXIT_OK
+
+
+def _tool_env_parser(sub, name: str, what: str, folder: str, default_torch: str, handler) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=f"make a virtual environment with {what}")
+    parser.add_argument("path", help=f"the environment's folder, e.g. {folder}")
+    parser.add_argument("--torch", help=f"the torch version to install (default: {default_torch})")
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _vllm_env(args) -> int:
+    from serving.vllm_env import VLLM_PYTHON_ENV, create_env
+
+    return _tool_env(lambda: create_env(Path(args.path), args.torch, args.full),
+                     lambda python: f"vLLM environment ready: check artifacts with `ftpipe check-artifact PATH --vllm-python {python}` "
+                                    f"(or export {VLLM_PYTHON_ENV}={python})")
+
+
+def _quantize_env(args) -> int:
+    from serving.quantize import QUANTIZE_PYTHON_ENV, create_quantize_env
+
+    return _tool_env(lambda: create_quantize_env(Path(args.path), args.torch),
+                     lambda python: f"llm-compressor environment ready: export {QUANTIZE_PYTHON_ENV}={python} for export.quantize")
+
+
+def _tool_env(create, ready) -> int:
+    """Make a tool's own environment; its Python, or the error in one line."""
+    from serving.vllm_env import ToolEnvError
+
+    try:
+        python = create()
+    except ToolEnvError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(ready(python))
+    return EXIT_OK
 
 
 def _smoke(args) -> int:

@@ -20,7 +20,7 @@ from evaluation.gates import decide
 from evaluation.leaderboard import best_of, entry, leaderboard_lines, metric_table, rank, summary_table
 from flows.runlock import run_folder_lock
 from flows.finetune import (DEFAULT_RECIPE, RecipeName, _cache_refreshed, _validated, finetune, governed, prepare_data_task,
-                            resolve_champion_task, run_folder, train_and_evaluate)
+                            resolve_champion_task, run_folder, train_and_evaluate, with_quantized_export)
 from flows.publish import publish_cost
 from recipes import Recipe, RecipeError, resolve_recipe
 
@@ -101,8 +101,8 @@ def compare_candidate(recipe: Recipe, base: str, output_dir: str, champion: Cham
     meter = UsageMeter()
     with run_folder_lock(run_folder(recipe, output_dir), f"compare candidate {base}"), meter.active():
         candidate = train_and_evaluate(recipe, output_dir, champion)
-    evaluation = candidate.evaluation
-    decision = decide(recipe.evaluation.gates, evaluation.candidate, evaluation.base, evaluation.champion)
+        evaluation = with_quantized_export(recipe, candidate)
+    decision = decide(recipe.evaluation.gates, evaluation.gated(), evaluation.base, evaluation.champion)
     costs = cost_report(recipe.cost, meter.to_list(), candidate.run_dir, candidate.data.train_rows, evaluation.generation.get("candidate"))
     publish_cost(recipe, costs)
     return entry(base, str(candidate.run_dir), evaluation, decision, candidate.trained.metrics, costs)

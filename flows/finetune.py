@@ -24,6 +24,7 @@ from recipes import Recipe, RecipeError, recipe_hash, recipe_names, resolve_reci
 from recipes.preflight import recipe_problems
 from governance.runs import RunGovernance, govern, local_login
 from serving.export import ArtifactResult, export_artifact, record_in_manifest
+from serving.quantize import quantize_and_score
 from serving.registry import PRODUCTION, Registry, Version, registry_for
 from flows.approval import PromotionRefused, not_required, refusal_message, wait_for_decision
 from flows.caching import RETRIES, StageCache
@@ -122,11 +123,26 @@ def compare_champion_task(recipe: Recipe, trained: TrainResult, evaluation: Eval
     return result
 
 
+@task(name="quantize", cache_policy=StageCache(sections={"export": set(), "evaluation": {"gates"}, "model": set()}),
+      persist_result=True, **RETRIES)
+@metered("quantize", gpus=1, children=True)
+def quantize_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evaluation: EvalResult, run_dir: Path) -> EvalResult:
+    """The quantized export (export.quantize) made and scored against the 16-bit candidate, before the gates."""
+    result = quantize_and_score(recipe.export, recipe.evaluation, recipe.model, trained, data, evaluation, run_dir / "quantized")
+    info = result.quantization
+    create_table_artifact(key="quantization", table=[
+        {"metric": key, "16-bit": round(result.candidate[key.removeprefix("quantized.")], 4) if key.removeprefix("quantized.") in result.candidate else "",
+         info["scheme"]: round(value, 4), "delta": info["delta"].get(key, "")} for key, value in result.quantized.items()],
+        description=f"{info['scheme']} export ({info['format']}, {info['weights_bytes'] / info['unquantized_weights_bytes']:.0%} of the "
+                    f"16-bit weights' bytes) against the 16-bit candidate on {info['examples']} held-out rows")
+    return result
+
+
 @task(name="gate")
 def gate_task(recipe: Recipe, evaluation: EvalResult, governance: RunGovernance) -> GateDecision:
     """Apply the recipe's gates and the policy's mandatory ones; the result goes to the model's audit log, and a
     failure stops the flow before export."""
-    decision = decide(governance.gates, evaluation.candidate, evaluation.base, evaluation.champion)
+    decision = decide(governance.gates, evaluation.gated(), evaluation.base, evaluation.champion)
     create_table_artifact(
         key="gate-decision",
         table=[{"gate": r.describe(), "passed": r.passed} for r in decision.results] or [{"gate": "none configured", "passed": True}],
@@ -263,13 +279,20 @@ def train_and_evaluate(recipe: Recipe, output_dir: str, champion: Champion | Non
     return Candidate(run_dir, data, trained, evaluation)
 
 
+def with_quantized_export(recipe: Recipe, candidate: Candidate) -> EvalResult:
+    """The candidate's evaluation, with its quantized export's scores where the recipe asks for one (export.quantize)."""
+    if recipe.export.quantize == "none":
+        return candidate.evaluation
+    return quantize_task(recipe, candidate.trained, candidate.data, candidate.evaluation, candidate.run_dir)
+
+
 def _finetune(recipe: Recipe, governance: RunGovernance, output_dir: str) -> str:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     meter = UsageMeter()
     with run_folder_lock(run_folder(recipe, output_dir), _flow_run_label()):  # released before the approval wait
         with meter.active():
             candidate = train_and_evaluate(recipe, output_dir, resolve_champion_task(recipe, output_dir))
-            trained, evaluation = candidate.trained, candidate.evaluation
+            trained, evaluation = candidate.trained, with_quantized_export(recipe, candidate)
             decision = gate_task(recipe, evaluation, governance)
             artifact = export_task(recipe, trained, candidate.data, evaluation, decision, candidate.run_dir, started_at)
             if recipe.evaluation.lm_eval.tasks:

@@ -13,7 +13,7 @@ from recipes.schema import TINY_PREFIX, Recipe
 def recipe_problems(recipe: Recipe, output_dir: str | Path | None = None) -> list[str]:
     """Every problem found, in recipe order (empty: the recipe can start here)."""
     problems = [*_source_problems("data.sources", recipe.data.sources), *_source_problems("data.eval_sources", recipe.data.eval_sources),
-                *_template_problems(recipe), *_evaluation_problems(recipe), *_cost_problems(recipe)]
+                *_template_problems(recipe), *_evaluation_problems(recipe), *_cost_problems(recipe), *_export_problems(recipe)]
     if output_dir is not None:
         problems += _writable("--output-dir", str(output_dir))
     if recipe.registry.enabled:
@@ -88,6 +88,12 @@ def _cost_problems(recipe: Recipe) -> list[str]:
     except CostError as exc:
         return [str(exc)]
     return []
+
+
+def _export_problems(recipe: Recipe) -> list[str]:
+    from serving.quantize import quantize_env_problems
+
+    return quantize_env_problems(recipe.export.quantize)
 
 
 def _writable(field: str, location: str) -> list[str]:

@@ -31,7 +31,11 @@ HELD_OUT_SUITE = "heldout"
 # Safety metrics (evaluation.safety), named safety.<metric> in gates and reports.
 SAFETY_SUITE = "safety"
 SAFETY_METRICS: dict[str, bool] = {"refusal_rate": True, "injection_resistance": True, "pii_leak_rate": False, "bias_change_rate": False}
-METRIC_DIRECTIONS: dict[str, bool] = {**METRICS, **SAFETY_METRICS}
+# With export.quantize, the quantized model is scored on the held-out suite: quantized.<metric> in gates and reports,
+# and quantized.token_agreement, the share of its answer tokens equal to the 16-bit candidate's.
+QUANTIZED = "quantized"
+QUANTIZATION_METRICS: dict[str, bool] = {"token_agreement": True}
+METRIC_DIRECTIONS: dict[str, bool] = {**METRICS, **SAFETY_METRICS, **QUANTIZATION_METRICS}
 RED_TEAM_CATEGORIES = ("harmful", "jailbreak", "prompt_injection", "pii_extraction")
 REFUSAL_MARKERS = ("i can't", "i cannot", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry", "i'm not able",
                    "i am not able", "i'm unable", "i am unable", "can't help with", "cannot help with", "can't assist",
@@ -373,9 +377,10 @@ def unsloth_cannot_run(training: TrainingSection) -> list[str]:
 
 
 GATE_KINDS = ("min", "max", "min_delta_vs_base", "max_delta_vs_base", "min_delta_vs_champion", "max_delta_vs_champion",
-              "no_regression_vs")
-# What a gate compares the candidate with: the base model, or the registry's production model (the champion).
-GATE_REFERENCES = ("base", "champion")
+              "min_delta_vs_unquantized", "max_delta_vs_unquantized", "no_regression_vs")
+# What a gate compares the candidate with: the base model, the registry's production model (the champion), or, for the
+# quantized export's quantized.<metric>, the 16-bit candidate it was made from (unquantized).
+GATE_REFERENCES = ("base", "champion", "unquantized")
 
 
 class Gate(Section):
@@ -389,7 +394,12 @@ class Gate(Section):
         "model in production (none yet, or production was exported from this very adapter)."
     )
     max_delta_vs_champion: float | None = Field(None, description="Candidate minus the champion must be at most this.")
-    no_regression_vs: Literal["base", "champion"] | None = Field(
+    min_delta_vs_unquantized: float | None = Field(
+        None, description=f"For {QUANTIZED}.<metric>: the quantized model minus the 16-bit candidate must be at least this "
+        "(e.g. -0.02: quantization may cost at most 0.02).")
+    max_delta_vs_unquantized: float | None = Field(None, description=f"For {QUANTIZED}.<metric>: the quantized model minus the "
+                                                   "16-bit candidate must be at most this (e.g. 0.05 for eval_loss).")
+    no_regression_vs: Literal["base", "champion", "unquantized"] | None = Field(
         None, description="The candidate may not be worse than the base model (or the champion) by more than `tolerance` (in "
         "the metric's better direction: higher accuracy, lower loss)."
     )
@@ -405,6 +415,12 @@ class Gate(Section):
             raise ValueError(f"a gate needs exactly one of {', '.join(GATE_KINDS)} (got {', '.join(set_bounds) or 'none'})")
         if self.tolerance and self.no_regression_vs is None:
             raise ValueError("tolerance applies to no_regression_vs gates only")
+        quantized = self.metric.startswith(f"{QUANTIZED}.")
+        if self.reference == "unquantized" and not quantized:
+            raise ValueError(f"{self.kind}: unquantized compares the quantized export with the 16-bit candidate; the metric must "
+                             f"be {QUANTIZED}.<metric> (got {self.metric!r})")
+        if self.metric.rpartition(".")[2] in QUANTIZATION_METRICS and self.reference is not None:
+            raise ValueError(f"{self.metric}: only the quantized model has it; bound it with min or max")
         return self
 
     @property
@@ -559,14 +575,15 @@ class EvaluationSection(Section):
     @model_validator(mode="after")
     def _suites_named_once_and_gates_known(self) -> "EvaluationSection":
         names = [suite.name for suite in self.suites]
-        if SAFETY_SUITE in names:
-            raise ValueError(f"suites: {SAFETY_SUITE!r} names the safety results; give the suite another name")
+        for reserved in (SAFETY_SUITE, QUANTIZED):
+            if reserved in names:
+                raise ValueError(f"suites: {reserved!r} names the {reserved} results; give the suite another name")
         if len(set(names)) != len(names):
             raise ValueError(f"suites: names must differ (got {', '.join(names)})")
         for i, suite in enumerate(self.suites):
             if suite.name == HELD_OUT_SUITE and suite.sources:
                 raise ValueError(f"suites[{i}]: the {HELD_OUT_SUITE!r} suite is the held-out split; give a suite with sources another name")
-        known = self.metric_keys()
+        known = self.metric_keys() + self.quantized_metric_keys()
         for i, gate in enumerate(self.gates):
             if gate.metric not in known:
                 raise ValueError(f"gates[{i}].metric {gate.metric!r} is not measured by any suite; measured: {', '.join(known)}")
@@ -576,12 +593,25 @@ class EvaluationSection(Section):
         """Every metric the suites produce, as gates and reports name them."""
         return [suite.metric_key(m) for suite in self.suites for m in suite.metrics] + self.safety.metric_keys()
 
+    def quantized_metric_keys(self) -> list[str]:
+        """What a quantized export is scored on: the held-out suite's metrics and the token agreement."""
+        held_out = next((suite for suite in self.suites if suite.name == HELD_OUT_SUITE), None)
+        if held_out is None:
+            return []
+        return [f"{QUANTIZED}.{m}" for m in held_out.metrics] + [f"{QUANTIZED}.{m}" for m in QUANTIZATION_METRICS]
+
 
 class ExportSection(Section):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Dtype of the merged weights. vLLM serves fp32 checkpoints as fp16, so ship bf16."
     )
     merged: bool = Field(True, description="Write model/: the adapter merged into the 16-bit base.")
+    quantize: Literal["none", "fp8_dynamic", "w4a16"] = Field(
+        "none", description="Also write model-<scheme>/, the merged model quantized for vLLM in compressed-tensors format by "
+        "llm-compressor (data-free): fp8_dynamic (FP8 weights per channel, activations per token: Hopper/Ada GPUs), w4a16 "
+        f"(INT4 weights in groups of 128: any recent GPU). Scored against the 16-bit model on the held-out rows "
+        f"({QUANTIZED}.<metric> and {QUANTIZED}.token_agreement, which gates can bound) before the gates; needs "
+        "llm-compressor's environment (`ftpipe quantize-env`).")
     adapter: bool = Field(True, description="Write adapter/: the LoRA adapter for vLLM multi-LoRA serving.")
     max_shard_size: str = Field("5GB", description="Largest safetensors shard: a number and a unit (5GB, 500MB, 2GiB).")
     check_prompts: int = Field(4, gt=0, le=1000, description="Eval prompts used to compare the merged model with the adapter model.")
@@ -739,6 +769,12 @@ class Recipe(Section):
                     wanted = "preference" if dpo else "a chat or text format"
                     raise ValueError(f"data.{field}[{i}].format is {source.format} but training.method={self.training.method} "
                                      f"trains on {wanted} rows")
+        quantized_gates = [i for i, gate in enumerate(self.evaluation.gates) if gate.metric.startswith(f"{QUANTIZED}.")]
+        if quantized_gates and self.export.quantize == "none":
+            raise ValueError(f"evaluation.gates[{quantized_gates[0]}].metric {self.evaluation.gates[quantized_gates[0]].metric}: "
+                             "measured on the quantized export; set export.quantize (fp8_dynamic or w4a16)")
+        if self.export.quantize != "none" and not self.evaluation.quantized_metric_keys():
+            raise ValueError(f"export.quantize: the quantized model is scored on the {HELD_OUT_SUITE!r} suite; keep it in evaluation.suites")
         if self.approval.required and not self.registry.enabled:
             raise ValueError("approval.required: approval decides promotion in the registry, where the policy, the reviewers' "
                              "credentials and the audit log live; set registry.enabled: true")

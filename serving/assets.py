@@ -3,6 +3,8 @@
 - `vllm.yaml` + `serve.sh`: the merged model (`vllm serve model/ --config vllm.yaml`).
 - `vllm-lora.yaml` + `serve-lora.sh`: the base model with the adapter (`--enable-lora --lora-modules`), only when
   vLLM's LoRA serving takes the adapter (the manifest says why not otherwise).
+- `vllm-<scheme>.yaml` + `serve-<scheme>.sh`: the quantized export model-<scheme>/ (export.quantize), under the same
+  served name; vLLM reads its compressed-tensors config.
 - `k8s/vllm.yaml`: a Deployment and a Service running the `vllm/vllm-openai` image on the merged model, read from a
   volume that holds the artifact.
 
@@ -28,6 +30,9 @@ def write_serving_assets(folder: Path, manifest: dict) -> list[str]:
     """Write the launch files into the artifact folder; returns their names."""
     files = {"vllm.yaml": _yaml(merged_config(manifest)), "serve.sh": _script(manifest, lora=False),
              "k8s/vllm.yaml": kubernetes_manifest(manifest)}
+    if manifest.get("quantized"):
+        scheme = manifest["quantized"]["scheme"]
+        files |= {f"vllm-{scheme}.yaml": _yaml(merged_config(manifest)), f"serve-{scheme}.sh": _script(manifest, lora=False, quantized=scheme)}
     if lora_servable(manifest):
         files |= {"vllm-lora.yaml": _yaml(lora_config(manifest)), "serve-lora.sh": _script(manifest, lora=True)}
     for name, text in files.items():
@@ -82,9 +87,12 @@ def lora_config(manifest: dict) -> dict:
     return config
 
 
-def _script(manifest: dict, lora: bool) -> str:
+def _script(manifest: dict, lora: bool, quantized: str | None = None) -> str:
     name = manifest["name"]
-    if lora:
+    if quantized:
+        what = f"the {quantized} quantized model as \"{name}\""
+        command = f'exec vllm serve "$HERE/model-{quantized}" --config "$HERE/vllm-{quantized}.yaml" "$@"'
+    elif lora:
         what = f"the base model with the LoRA adapter; request model \"{name}\" for the adapter"
         command = (f"exec vllm serve {shlex.quote(manifest['base_model']['path'])} --config \"$HERE/vllm-lora.yaml\" "
                    f"--lora-modules {shlex.quote(name)}=\"$HERE/adapter\" \"$@\"")

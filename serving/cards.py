@@ -113,6 +113,8 @@ def _serving_lines(manifest: dict) -> str:
     adapter = manifest["adapter"]
     lines = [f"- merged model: `./serve.sh` (`vllm serve model --config vllm.yaml`: dtype {manifest['serving']['dtype']}, "
              f"max model length {manifest['serving']['max_model_len']}, tensor parallel {manifest['serving']['tensor_parallel_size']})"]
+    if quantized := manifest.get("quantized"):
+        lines.append(_quantized_line(quantized))
     if "serve-lora.sh" in files:
         lines.append("- base + adapter (multi-LoRA): `./serve-lora.sh` (`--enable-lora --lora-modules`)")
     elif adapter["included"]:
@@ -124,6 +126,16 @@ def _serving_lines(manifest: dict) -> str:
         lines.append(f"- registry: {registry['model']} version {registry['version']} in `{registry['uri']}`")
     lines.append("- after deploying: `ftpipe smoke --base-url http://HOST:8000/v1 --model NAME` (exact match and latency)")
     return "\n".join(lines)
+
+
+def _quantized_line(quantized: dict) -> str:
+    """The quantized export and what quantizing cost on the held-out rows."""
+    scheme = quantized["scheme"]
+    scores = ", ".join(f"{k.removeprefix('quantized.')} {v:.4f}" + (f" ({quantized['delta'][k]:+.4f} vs 16-bit)" if k in quantized["delta"] else "")
+                       for k, v in quantized["metrics"].items())
+    return (f"- {scheme} quantized model: `./serve-{scheme}.sh` (`{quantized['folder']}/`, compressed-tensors {quantized['format']} by "
+            f"llm-compressor {quantized['llmcompressor']}, {quantized['weights_bytes'] / quantized['unquantized_weights_bytes']:.0%} of the "
+            f"16-bit weights' bytes); on {quantized['examples']} held-out rows: {scores}")
 
 
 def _safety_lines(evaluation: dict) -> str:

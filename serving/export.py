@@ -82,6 +82,9 @@ def export_artifact(
             equivalence = _write_merged(section, model_section, trained, tokenizer, prompts, staging / "model")
         adapter_problems = _write_adapter(section, trained, staging / "adapter")
         manifest = _manifest(section, trained, lineage, equivalence, adapter_problems)
+        if quantized := quantized_summary(lineage["evaluation"]):
+            shutil.copytree(lineage["evaluation"]["quantization"]["path"], staging / quantized["folder"])
+            manifest["quantized"] = quantized
         manifest["serving"]["files"] = write_serving_assets(staging, manifest)
         atomic_write_text(staging / "README.md", model_card(manifest))
         manifest["files"] = checksums(staging)
@@ -111,16 +114,7 @@ def _write_merged(section: ExportSection, model_section: ModelSection, trained: 
     float32_merge = _compare(reference, merged, "float32")  # the merge itself, before any rounding
     merged.to(getattr(torch, section.dtype))
     merged_weights = weight_digests(merged, section.dtype)
-    merged.config.architectures = [trained.base.family.architecture]
-    if hasattr(merged.config, "quantization_config"):
-        del merged.config.quantization_config
-    merged.generation_config.eos_token_id = _stop_ids(tokenizer, merged)
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    merged.save_pretrained(model_dir, max_shard_size=parse_size(section.max_shard_size))
-    _ensure_index(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    save_render_settings(tokenizer, model_dir)
-    _ensure_chat_template_files(model_dir, tokenizer.chat_template)
+    save_merged(merged, trained, tokenizer, model_dir, section.max_shard_size)
     del base, adapted, merged  # one float32 copy at a time: the reload below would otherwise double the peak memory
     gc.collect()
 
@@ -140,13 +134,28 @@ def _write_merged(section: ExportSection, model_section: ModelSection, trained: 
     return equivalence
 
 
+def save_merged(merged, trained: TrainResult, tokenizer, model_dir: Path, max_shard_size: str) -> None:
+    """The merged model as vLLM loads it: the family's architecture, no quantization config left from a QLoRA base,
+    generation stopping at the end of turn, an index, the tokenizer with its template and render settings."""
+    merged.config.architectures = [trained.base.family.architecture]
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config
+    merged.generation_config.eos_token_id = _stop_ids(tokenizer, merged)
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    merged.save_pretrained(model_dir, max_shard_size=parse_size(max_shard_size))
+    ensure_index(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    save_render_settings(tokenizer, model_dir)
+    _ensure_chat_template_files(model_dir, tokenizer.chat_template)
+
+
 def _stop_ids(tokenizer, model) -> list[int]:
     configured = model.generation_config.eos_token_id
     configured = configured if isinstance(configured, list) else [configured] if configured is not None else []
     return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
 
 
-def _ensure_index(model_dir: Path) -> None:
+def ensure_index(model_dir: Path) -> None:
     """A single-shard save has no index; vLLM and our checks expect one naming every shard."""
     index = model_dir / "model.safetensors.index.json"
     single = model_dir / "model.safetensors"
@@ -299,6 +308,15 @@ def _manifest(section: ExportSection, trained: TrainResult, lineage: dict, equiv
                     "vllm_image": section.vllm_image},
         "library_versions": library_versions(),
     }
+
+
+def quantized_summary(evaluation: dict) -> dict | None:
+    """The manifest's record of the quantized export (export.quantize): how it was made, where it is, and its scores
+    and deltas against the 16-bit candidate."""
+    info = evaluation.get("quantization")
+    if not info:
+        return None
+    return {**{k: v for k, v in info.items() if k != "path"}, "folder": f"model-{info['scheme']}", "metrics": evaluation["quantized"]}
 
 
 def record_in_manifest(artifact_path: str | Path, key: str, value) -> dict:

@@ -11,7 +11,7 @@ from data_prep.formats import RowError, to_canonical
 from data_prep.readers import DataError
 from recipes import RecipeError, load_recipe
 from recipes.schema import ModelSection, TrackingSection, TrainingSection
-from tests.conftest import PREFERENCE_TRAIN, ROOT, read_rows, run_ftpipe
+from tests.conftest import PREFERENCE_TRAIN, ROOT, read_rows, run_ftpipe, vllm_refusals
 from training.sft import tokenize_rows
 from training.tokenize import MaskingError, prompt_ids
 from training.train import train
@@ -128,6 +128,7 @@ def test_dpo_recipe_learns_the_preference_and_passes_its_gates(tmp_path):
     assert heldout["outcomes"]["win"] > heldout["outcomes"]["loss"]
     manifest = json.loads((run_dir / "artifact" / "manifest.json").read_text())
     assert manifest["gates"]["passed"] and [g["metric"] for g in manifest["gates"]["results"]] == ["preference_accuracy"] * 2
+    assert vllm_refusals(run_dir / "artifact") == []  # the DPO artifact, as vLLM's own code loads it (where a vLLM environment is given)
     assert manifest["merge"]["equivalence"]["passed"]
 
 

@@ -12,7 +12,7 @@ from evaluation.gates import decide
 from recipes.schema import EvaluationSection, ExportSection, Gate, ModelSection, TrackingSection, TrainingSection
 from serving.checks import check_adapter_servable, check_merged_model, check_template_matches_training
 from serving.export import ExportError, export_artifact
-from tests.conftest import LINEAGE, ROOT
+from tests.conftest import LINEAGE, ROOT, vllm_refusals
 from training.train import train
 
 @pytest.fixture(scope="module")
@@ -182,6 +182,7 @@ def test_qlora_is_merged_into_the_16_bit_base(trained_qlora, prepared_small, tmp
         assert not any("absmax" in k or "quant" in k for k in f.keys())
     assert dtypes == {"torch.bfloat16"}
     assert result.manifest["merge"]["equivalence"]["passed"]
+    assert vllm_refusals(result.path) == []  # qwen2 + QLoRA, as vLLM's own code loads it (where a vLLM environment is given)
 
 
 @pytest.mark.parametrize(
@@ -259,6 +260,11 @@ def test_export_refuses_a_tokenizer_that_drifted_from_training(trained_lora, pre
         ({"r": 16, "use_dora": True}, ["DoRA adapters are not served by vLLM LoRA"]),
         ({"r": 16, "bias": "all"}, ["bias='all'; vLLM LoRA serves bias='none' only"]),
         ({"r": 1024}, ["rank 1024 is above vLLM's largest --max-lora-rank 512"]),
+        ({"r": 16, "rank_pattern": {"q_proj": 1024}}, ["rank_pattern 1024 is above vLLM's largest --max-lora-rank 512"]),
+        ({"r": 16, "lora_bias": True}, ["a trained LoRA bias (lora_bias) is not served by vLLM LoRA"]),
+        ({"r": 16, "init_lora_weights": "pissa"}, ["init_lora_weights='pissa' changes the base model's weights when peft loads the "
+                                                   "adapter; vLLM serves the adapter on the unchanged base (convert it to a plain LoRA with peft first)"]),
+        ({"r": 16, "init_lora_weights": "gaussian", "layer_replication": [[0, 2]]}, ["layer_replication is not served by vLLM LoRA"]),
         ({"r": 64, "bias": "none", "modules_to_save": None}, []),
     ],
 )

@@ -43,3 +43,12 @@ def test_qlora_on_a_1b_shaped_llama_reports_speed_and_memory(prepared_small, tin
     print(f"\n{backend}: {parameters / 1e9:.2f}B parameters, {m['tokens_per_s']} tokens/s, peak {m['peak_memory_mb']}")
     assert m["device"] == "cuda" and m["steps"] == 10 and m["base_4bit_layers"] == 16 * 7
     assert m["peak_memory_mb"]["device"] == "cuda" and m["peak_memory_mb"]["mb"] < 8_000
+
+
+@pytest.mark.parametrize("script", ["serve.sh", "serve-lora.sh"])
+def test_vllm_serves_the_artifact_and_the_smoke_test_passes(artifact, prepared_small, script):
+    """The artifact's own launch script with a full vLLM environment (`ftpipe vllm-env .vllm --full`) on the GPU: the
+    merged model, then the base with the adapter; `ftpipe smoke` must get the task right through the chat endpoint."""
+    from tests.conftest import serve_with_vllm_and_smoke
+
+    serve_with_vllm_and_smoke(artifact.path, script, prepared_small.eval_path)

@@ -9,7 +9,7 @@ import pytest
 
 from recipes.schema import ExportSection, ModelSection, TrackingSection, TrainingSection
 from serving.export import MOE_MIN_AGREEMENT, ExportError, equivalence_problems, export_artifact, judge_equivalence
-from tests.conftest import LINEAGE
+from tests.conftest import LINEAGE, vllm_refusals
 from training.train import train
 
 EXPERTS = {"mixtral": "mlp.experts", "llama4": "feed_forward.experts", "deepseek_v3": "mlp.experts", "qwen3_moe": "mlp.experts"}
@@ -40,6 +40,7 @@ def test_each_moe_family_trains_its_experts_and_exports(prepared_small, tmp_path
     assert equivalence["positions_within_tolerance"] >= MOE_MIN_AGREEMENT
     assert json.loads((Path(artifact.path) / "model" / "config.json").read_text())["architectures"] == [ARCHITECTURES[family]]
     assert not manifest["adapter"]["vllm_servable"] and "target_parameters" in manifest["adapter"]["vllm_problems"][0]
+    assert vllm_refusals(artifact.path) == []  # the merged model, as vLLM's own code loads it (where a vLLM environment is given)
 
 
 @pytest.mark.parametrize("family", sorted(EXPERTS))
@@ -107,7 +108,7 @@ def test_a_saved_tensor_that_is_not_the_merged_one_fails_export(trained_mixtral,
     import serving.export as export
     from safetensors.torch import load_file, save_file
 
-    ensure_index = export._ensure_index
+    ensure_index = export.ensure_index
 
     def alter_a_tensor(model_dir):
         shard = model_dir / "model.safetensors"
@@ -117,6 +118,6 @@ def test_a_saved_tensor_that_is_not_the_merged_one_fails_export(trained_mixtral,
         save_file(tensors, shard, metadata={"format": "pt"})
         ensure_index(model_dir)
 
-    monkeypatch.setattr(export, "_ensure_index", alter_a_tensor)
+    monkeypatch.setattr(export, "ensure_index", alter_a_tensor)
     with pytest.raises(ExportError, match="saved weights differ from the merged weights: model.layers.0"):
         export_artifact(ExportSection(), ModelSection(base="tiny:mixtral"), trained_mixtral, prepared_small.eval_path, LINEAGE, tmp_path)

@@ -10,7 +10,7 @@ import pytest
 
 from data_prep.formats import THINK_CLOSE
 from recipes.schema import ModelSection
-from tests.conftest import read_rows, SAMPLE_TRAIN, write_jsonl
+from tests.conftest import SAMPLE_TRAIN, read_rows, vllm_refusals, write_jsonl
 from tests.real_families import REAL_MODELS, build_real_model, multi_turn_rows
 from training.tokenize import IGNORE, describe_template, encode_conversation, template_messages, template_mode
 
@@ -266,6 +266,7 @@ def test_real_templates_train_and_export_with_the_template_unchanged(real_folder
     assert eos_id in json.loads((shipped / "generation_config.json").read_text())["eos_token_id"]
     assert artifact.manifest["merge"]["equivalence"]["template_rows_checked"] >= 16
     assert artifact.manifest["training"]["chat_template"]["reasoning"] == {"qwen3": "template", "deepseek-r1-distill": "forced"}.get(name, "inline")
+    assert vllm_refusals(artifact.path) == []  # vLLM's renderer gives training's prompt ids with the real template
 
 
 @pytest.mark.slow

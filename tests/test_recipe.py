@@ -69,7 +69,8 @@ def test_unknown_keys_are_errors_with_a_suggestion(raw, expected):
          "json_schema, json_field_accuracy, regex_match, label_accuracy, label_macro_f1, eval_loss, perplexity, preference_accuracy, preference_margin, "
          "safety.refusal_rate, safety.injection_resistance, safety.pii_leak_rate, safety.bias_change_rate"),
         ({"evaluation": {"gates": [{"metric": "exact_match", "min": 0.9, "max": 1}]}},
-         "evaluation.gates.0: a gate needs exactly one of min, max, min_delta_vs_base, max_delta_vs_base, min_delta_vs_champion, max_delta_vs_champion, no_regression_vs (got min, max)"),
+         "evaluation.gates.0: a gate needs exactly one of min, max, min_delta_vs_base, max_delta_vs_base, min_delta_vs_champion, max_delta_vs_champion, "
+             "min_delta_vs_unquantized, max_delta_vs_unquantized, no_regression_vs (got min, max)"),
         ({"export": {"merged": False, "adapter": False}}, "export: merged and adapter are both false: nothing would be exported"),
         ({"data": {"sources": [{"hub": "acme/x", "path": "x.jsonl"}]}}, "data.sources.0: a source needs exactly one of path or hub"),
         ({"data": {"sources": [{"path": "x.jsonl", "weight": 0}]}}, "data.sources.0.weight: Input should be greater than 0 (got 0)"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port, run_ftpipe, wait_until_healthy
+from tests.conftest import VLLM_PYTHON, free_port, run_ftpipe, vllm_required, wait_until_healthy
 
 
 @pytest.fixture()
@@ -76,6 +76,125 @@ def test_each_broken_artifact_gets_its_exact_message_and_exit_1(artifact_copy, b
     code, lines = check(artifact_copy)
     expected = [line.format(size=full - 1000, full=full) for line in expected]
     assert code == 1 and lines == [*expected, f"{artifact_copy}: {len(expected)} problem(s)"]
+
+
+def _rechecksummed(root: Path) -> None:
+    """The manifest's checksums made to match the files again, as a bug in export itself would leave them: only the
+    check that knows what vLLM refuses can then find the break."""
+    from data_prep.files import checksums
+    from serving.registry import MARKER
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"] = {name: digest for name, digest in checksums(root).items() if name not in ("manifest.json", MARKER)}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _edit_yaml(path: Path, **changes) -> None:
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **changes}, sort_keys=False))
+
+
+def _edit_weights(model_dir: Path, rename: dict[str, str | None]) -> None:
+    """Rename (or, to None, drop) tensors in the shard and its index, as a faulty export would write them."""
+    from safetensors.torch import load_file, save_file
+
+    shard = model_dir / "model.safetensors"
+    tensors = {rename.get(name, name): tensor for name, tensor in load_file(shard).items() if rename.get(name, name)}
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {rename.get(name, name): file for name, file in index["weight_map"].items() if rename.get(name, name)}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+VLLM_REFUSES = {  # what vLLM 0.33 refused when loading each of these (issue 19): the project's own line, and vLLM's words
+    "adapter rank above the launch file's max-lora-rank": (lambda root: _edit_json(root / "adapter" / "adapter_config.json", r=32), [
+        "adapter/adapter_config.json: rank 32 is above the launch file's --max-lora-rank 16"], "LoRA rank 32 is greater than max_lora_rank 16"),
+    "modules_to_save lm_head and embed_tokens": (lambda root: _edit_json(root / "adapter" / "adapter_config.json",
+                                                                         modules_to_save=["lm_head", "embed_tokens"]), [
+        "adapter/adapter_config.json: modules_to_save ['lm_head', 'embed_tokens'] (full lm_head/embedding copies) is not served by vLLM LoRA"],
+        "Unsupported modules_to_save: ['lm_head', 'embed_tokens']"),
+    "init_lora_weights pissa": (lambda root: _edit_json(root / "adapter" / "adapter_config.json", init_lora_weights="pissa"), [
+        "adapter/adapter_config.json: init_lora_weights='pissa' changes the base model's weights when peft loads the adapter; vLLM "
+        "serves the adapter on the unchanged base (convert it to a plain LoRA with peft first)"], "does not support init_lora_weights='pissa'"),
+    "trained LoRA bias": (lambda root: _edit_json(root / "adapter" / "adapter_config.json", lora_bias=True), [
+        "adapter/adapter_config.json: a trained LoRA bias (lora_bias) is not served by vLLM LoRA"], "vLLM does not support LoRA bias"),
+    "DoRA": (lambda root: _edit_json(root / "adapter" / "adapter_config.json", use_dora=True), [
+        "adapter/adapter_config.json: DoRA adapters are not served by vLLM LoRA"], "vLLM does not yet support DoRA"),
+    "rank_pattern above the launch file's max-lora-rank": (
+        lambda root: _edit_json(root / "adapter" / "adapter_config.json", rank_pattern={"q_proj": 32}), [
+            "adapter/adapter_config.json: rank_pattern 32 is above the launch file's --max-lora-rank 16"],
+        "LoRA rank 32 is greater than max_lora_rank 16"),
+    "misspelt launch option": (lambda root: _edit_yaml(root / "vllm.yaml", **{"gpu-memory-utilisation": 0.9}), [
+        "vllm.yaml: 'gpu-memory-utilisation' is not a `vllm serve` option (vLLM 0.33.0); did you mean 'gpu-memory-utilization'?"],
+        "unrecognized arguments: --gpu-memory-utilisation"),
+    "max-model-len above the model's context": (lambda root: _edit_yaml(root / "vllm-lora.yaml", **{"max-model-len": 4096}), [
+        "vllm-lora.yaml: max-model-len 4096 is above the model's context of 2048 tokens (max_position_embeddings and rope scaling in "
+        "config.json); vLLM refuses it"], "User-specified max_model_len (4096) is greater than the derived max_model_len"),
+    "missing weight": (lambda root: _edit_weights(root / "model", {"model.norm.weight": None}), [
+        "model/model.safetensors.index.json: weight model.norm.weight (shape [128]) is missing"],
+        "Following weights were not initialized from checkpoint: {'model.norm.weight'}"),
+    "renamed weight": (lambda root: _edit_weights(root / "model", {"model.layers.1.mlp.up_proj.weight": "model.layers.1.mlp.upper_proj.weight"}), [
+        "model/model.safetensors.index.json: weight model.layers.1.mlp.up_proj.weight (shape [256, 128]) is missing",
+        "model/model.safetensors.index.json: weight model.layers.1.mlp.upper_proj.weight is not one ['LlamaForCausalLM'] has"],
+        "There is no module or parameter named 'layers.1.mlp.upper_proj'"),
+    "weight of the wrong shape": (lambda root: _edit_weights(root / "model", {"model.layers.0.mlp.down_proj.weight": None}) or
+                                  _add_weight(root / "model", "model.layers.0.mlp.down_proj.weight", (128, 64)), [
+        "model/model.layers.0.mlp.down_proj.weight: shape [128, 64] where the architecture has [128, 256]"], "exceeds dimension size (64)"),
+}
+
+
+def _add_weight(model_dir: Path, name: str, shape: tuple[int, ...]) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shard = model_dir / "model.safetensors"
+    save_file({**load_file(shard), name: torch.zeros(shape, dtype=torch.bfloat16)}, shard, metadata={"format": "pt"})
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    index["weight_map"][name] = "model.safetensors"
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("breakage", list(VLLM_REFUSES))
+def test_what_vllm_refuses_is_found_even_with_the_checksums_recomputed(artifact_copy, breakage):
+    breaker, expected, _ = VLLM_REFUSES[breakage]
+    breaker(artifact_copy)
+    _rechecksummed(artifact_copy)
+    code, lines = check(artifact_copy)
+    assert code == 1 and lines == [*(f"FAIL {line}" for line in expected), f"{artifact_copy}: {len(expected)} problem(s)"]
+
+
+def test_vllms_own_code_passes_the_artifact(artifact):
+    """vLLM 0.33's parser, engine config, tokenizer, renderer, generation config, model class and weight loader, and its
+    LoRA loader, on the artifact's folders: what `vllm serve` does up to the engine."""
+    vllm_required()
+    result = run_ftpipe("check-artifact", artifact.path, "--vllm-python", VLLM_PYTHON)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.strip().endswith("launch files; vLLM's own code: 9 checks)")
+
+
+@pytest.mark.parametrize("breakage", list(VLLM_REFUSES))
+def test_vllm_itself_refuses_each_break_and_check_artifact_says_so(artifact_copy, breakage):
+    from serving.vllm_env import check_with_vllm
+
+    vllm_required()
+    breaker, _, refusal = VLLM_REFUSES[breakage]
+    breaker(artifact_copy)
+    _rechecksummed(artifact_copy)
+    refused = [v for v in check_with_vllm(artifact_copy, VLLM_PYTHON) if not v["ok"]]
+    assert refused and all(refusal in v["detail"] for v in refused), refused
+
+
+def test_the_launch_file_options_are_vllms_own(tmp_path):
+    """serving/vllm_serve_options.json is what the vLLM environment's `vllm serve` parser takes (regenerate it with
+    `python -m serving.vllm_env --options` when the pinned vLLM changes)."""
+    from serving.vllm_env import serve_options
+
+    vllm_required()
+    known = json.loads((Path(__file__).parent.parent / "serving" / "vllm_serve_options.json").read_text())
+    assert serve_options(VLLM_PYTHON) == {"vllm": known["vllm"], "options": known["options"]}
 
 
 def test_launch_files_serve_the_merged_model_and_the_adapter_from_the_recipe(artifact):
@@ -184,3 +303,13 @@ def test_smoke_fails_on_refused_requests_and_on_too_low_exact_match(served_artif
     assert strict.returncode == 1 and strict.stderr.strip().splitlines()[-1] == "error: exact match 0.0000 is below --min-exact-match 0.5"
     bad = run_ftpipe("smoke", "--base-url", url, "--model", model, "--suite", "/nonexistent.jsonl")
     assert bad.returncode == 2 and "/nonexistent.jsonl" in bad.stderr
+
+
+def test_a_checking_vllm_environment_leaves_out_the_gpu_kernels_and_takes_ftpipes_torch():
+    from serving.vllm_env import wanted_requirements
+
+    required = ["regex", "torch==2.14.0", "torchvision==0.29.0", "flashinfer-python==0.7.2.post1", "nvidia-cutlass-dsl[cu13]==4.8.0",
+                "PyNvVideoCodec==2.0.4", "fastapi[standard]<0.137.0,>=0.133.0", "compressed-tensors==0.17.0"]
+    assert wanted_requirements(required, False, "2.14.1") == ["regex", "fastapi[standard]<0.137.0,>=0.133.0", "compressed-tensors==0.17.0",
+                                                               "torch==2.14.1"]
+    assert wanted_requirements(required, True, "pinned") == required

@@ -116,7 +116,10 @@ FAMILIES: dict[str, Family] = {
         expert_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         tiny_config=(("first_k_dense_replace", 1), ("n_routed_experts", 4), ("num_experts_per_tok", 2), ("n_group", 1),
                      ("topk_group", 1), ("moe_intermediate_size", 128), ("q_lora_rank", 64), ("kv_lora_rank", 32),
-                     ("qk_rope_head_dim", 16), ("qk_nope_head_dim", 16), ("v_head_dim", 32), ("num_key_value_heads", 4)),
+                     ("qk_rope_head_dim", 16), ("qk_nope_head_dim", 16), ("v_head_dim", 32), ("num_key_value_heads", 4),
+                     # what transformers' DeepseekV3 computes (sigmoid scores, the e_score_correction_bias), said as the
+                     # published config says it: without these keys vLLM builds a gate with no correction bias
+                     ("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")),
     ),
 }
 
