@@ -7,9 +7,11 @@ from data_prep.formats import split_reasoning
 from training.tokenize import IGNORE, Encoded, encode_chat, encode_conversation, final_turn_only, ids_of, prompt_ids, reasoning_mode
 
 
-def load_model(path: str, revision: str | None = None, dtype: str | None = None, trust_remote_code: bool = False, tokenizer=None):
-    """A causal LM for inference: 16-bit weights on GPU, float32 on CPU (never quantized). Given the tokenizer
-    training used, the embeddings grow to its vocabulary (tokens added for the chat template), as in training."""
+def load_model(path: str, revision: str | None = None, dtype: str | None = None, trust_remote_code: bool = False, tokenizer=None,
+               quantization_config=None):
+    """A causal LM for inference: 16-bit weights on GPU, float32 on CPU (never quantized; a quantized export is read
+    through its quantization_config, dequantized). Given the tokenizer training used, the embeddings grow to its
+    vocabulary (tokens added for the chat template), as in training."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -17,7 +19,8 @@ def load_model(path: str, revision: str | None = None, dtype: str | None = None,
 
     if dtype is None:
         dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+                                                 **({"quantization_config": quantization_config} if quantization_config else {}))
     if tokenizer is not None:
         fit_embeddings(model, tokenizer)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

@@ -103,8 +103,8 @@ def quantize_and_score(export: ExportSection, section: EvaluationSection, model_
             "weights_bytes": _weights_bytes(quantized_dir), "unquantized_weights_bytes": _weights_bytes(merged_dir),
             "delta": {k: round(v - evaluation.candidate[k.removeprefix(f"{QUANTIZED}.")], 6) for k, v in metrics.items()
                       if k.removeprefix(f"{QUANTIZED}.") in evaluation.candidate},
-            "scored_as": "the compressed-tensors checkpoint loaded by transformers with its weights dequantized from the "
-                         "quantized values (activations in 16-bit)"}
+            "scored_as": "the compressed-tensors checkpoint read by transformers, its weights dequantized from the quantized "
+                         "values, in the dtype the 16-bit candidate was scored in (activations not quantized)"}
     shutil.rmtree(merged_dir, ignore_errors=True)
     atomic_write_json(out_dir / "report.json", {"metrics": metrics, **info, "outputs": scores.outputs})
     log.info("quantized %s: %s", export.quantize, metrics)
@@ -128,12 +128,12 @@ def _merge(export: ExportSection, model_section: ModelSection, trained, merged_d
 
 
 def _score_quantized(model_dir: Path, suite, rows: list[dict], section: EvaluationSection):
-    import torch
-    from transformers import AutoModelForCausalLM
+    """In the dtype the candidate was scored in (load_model's), so the delta is quantization's alone."""
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=CompressedTensorsConfig(dequantize=True))
-    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    from evaluation.generate import load_model
+
+    model = load_model(str(model_dir), quantization_config=CompressedTensorsConfig(dequantize=True))
     return score_suite(model, _tokenizer(model_dir), suite, rows, section)
 
 
