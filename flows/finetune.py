@@ -24,7 +24,7 @@ from recipes import Recipe, RecipeError, recipe_hash, recipe_names, resolve_reci
 from recipes.preflight import recipe_problems
 from governance.runs import RunGovernance, govern, local_login
 from serving.export import ArtifactResult, export_artifact, record_in_manifest
-from serving.quantize import quantize_and_score
+from serving.quantize import quantize_and_score, unquantized_name
 from serving.registry import PRODUCTION, Registry, Version, registry_for
 from flows.approval import PromotionRefused, not_required, refusal_message, wait_for_decision
 from flows.caching import RETRIES, StageCache
@@ -131,7 +131,7 @@ def quantize_task(recipe: Recipe, trained: TrainResult, data: PreparedData, eval
     result = quantize_and_score(recipe.export, recipe.evaluation, recipe.model, trained, data, evaluation, run_dir / "quantized")
     info = result.quantization
     create_table_artifact(key="quantization", table=[
-        {"metric": key, "16-bit": round(result.candidate[key.removeprefix("quantized.")], 4) if key.removeprefix("quantized.") in result.candidate else "",
+        {"metric": key, "16-bit": round(result.candidate[unquantized_name(key)], 4) if key in info["delta"] else "",
          info["scheme"]: round(value, 4), "delta": info["delta"].get(key, "")} for key, value in result.quantized.items()],
         description=f"{info['scheme']} export ({info['format']}, {info['weights_bytes'] / info['unquantized_weights_bytes']:.0%} of the "
                     f"16-bit weights' bytes) against the 16-bit candidate on {info['examples']} held-out rows")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 from dataclasses import replace
@@ -18,7 +17,7 @@ from pathlib import Path
 from data_prep.files import atomic_write_json
 from evaluation.evaluate import EvalResult, score_suite, suite_rows
 from recipes.schema import HELD_OUT_SUITE, QUANTIZED, EvaluationSection, ExportSection, ModelSection
-from serving.vllm_env import ToolEnvError, make_venv, run_pip, run_tool_script
+from serving.vllm_env import ToolEnvError, make_venv, run_pip, run_tool_script, tool_python
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +34,9 @@ class QuantizeError(RuntimeError):
     """The quantized export could not be made; the message says what to do."""
 
 
-def quantize_python(explicit: str | None = None) -> str | None:
-    """The quantize environment's Python: the argument, else $FTPIPE_QUANTIZE_PYTHON, else none."""
-    python = explicit or os.environ.get(QUANTIZE_PYTHON_ENV) or None
-    return str(Path(python).absolute()) if python and "/" in python else python
+def quantize_python() -> str | None:
+    """The quantize environment's Python: $FTPIPE_QUANTIZE_PYTHON, else none."""
+    return tool_python(None, QUANTIZE_PYTHON_ENV)
 
 
 def quantize_env_problems(scheme: str) -> list[str]:
@@ -85,9 +83,9 @@ def quantize_and_score(export: ExportSection, section: EvaluationSection, model_
     """Merge the adapter into the 16-bit base, quantize it, and score it on the held-out suite as the candidate was:
     the evaluation gains quantized.<metric> (and quantized.token_agreement) for the gates, and what was done."""
     out_dir = Path(out_dir)
-    python = quantize_python()
     if problems := quantize_env_problems(export.quantize):
         raise QuantizeError(problems[0])
+    python = quantize_python()
     merged_dir, quantized_dir = out_dir / "merged-16bit", out_dir / export.quantize
     _merge(export, model_section, trained, merged_dir)
     made = quantize_model(merged_dir, quantized_dir, export.quantize, python)
@@ -101,14 +99,19 @@ def quantize_and_score(export: ExportSection, section: EvaluationSection, model_
     info = {"scheme": export.quantize, "llmcompressor_scheme": SCHEMES[export.quantize], **made,
             "path": str(quantized_dir), "examples": len(rows),
             "weights_bytes": _weights_bytes(quantized_dir), "unquantized_weights_bytes": _weights_bytes(merged_dir),
-            "delta": {k: round(v - evaluation.candidate[k.removeprefix(f"{QUANTIZED}.")], 6) for k, v in metrics.items()
-                      if k.removeprefix(f"{QUANTIZED}.") in evaluation.candidate},
+            "delta": {k: round(v - evaluation.candidate[unquantized_name(k)], 6) for k, v in metrics.items()
+                      if unquantized_name(k) in evaluation.candidate},
             "scored_as": "the compressed-tensors checkpoint read by transformers, its weights dequantized from the quantized "
                          "values, in the dtype the 16-bit candidate was scored in (activations not quantized)"}
     shutil.rmtree(merged_dir, ignore_errors=True)
     atomic_write_json(out_dir / "report.json", {"metrics": metrics, **info, "outputs": scores.outputs})
     log.info("quantized %s: %s", export.quantize, metrics)
     return replace(evaluation, quantized=metrics, quantization=info)
+
+
+def unquantized_name(key: str) -> str:
+    """quantized.<metric> -> <metric>: the 16-bit candidate's name for the same score."""
+    return key.removeprefix(f"{QUANTIZED}.")
 
 
 def _merge(export: ExportSection, model_section: ModelSection, trained, merged_dir: Path) -> None:

@@ -33,9 +33,14 @@ class VllmEnvError(ToolEnvError):
 
 
 def vllm_python(explicit: str | None = None) -> str | None:
-    """The vLLM environment's Python: --vllm-python, else $FTPIPE_VLLM_PYTHON, else none (vLLM checks are skipped);
-    a relative path is taken from the working directory, as the shell would."""
-    python = explicit or os.environ.get(VLLM_PYTHON_ENV) or None
+    """The vLLM environment's Python: --vllm-python, else $FTPIPE_VLLM_PYTHON, else none (vLLM checks are skipped)."""
+    return tool_python(explicit, VLLM_PYTHON_ENV)
+
+
+def tool_python(explicit: str | None, variable: str) -> str | None:
+    """A tool environment's Python: the one given, else the environment variable's, else none; a relative path is
+    taken from the working directory, as the shell would."""
+    python = explicit or os.environ.get(variable) or None
     return str(Path(python).absolute()) if python and "/" in python else python
 
 

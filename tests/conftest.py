@@ -16,16 +16,20 @@ from bench.common import (api_response, background, deployment_id, free_port, pr
                           wait_until_healthy)  # shared with the benchmarks
 
 ROOT = Path(__file__).resolve().parent.parent
-# vLLM's own code runs on artifacts where a vLLM environment is given ($FTPIPE_VLLM_PYTHON, else the README's
-# `ftpipe vllm-env .vllm`); CI sets FTPIPE_REQUIRE_TOOL_ENVS, so there a missing environment fails the vLLM tests
-# instead of skipping them. The variable is taken out of the tests' environment: a test asks for vLLM's checks explicitly.
-_VLLM_GIVEN = os.environ.pop("FTPIPE_VLLM_PYTHON", None) or (str(ROOT / ".vllm" / "bin" / "python") if (ROOT / ".vllm" / "bin" / "python").exists() else None)
-VLLM_PYTHON = str(Path(_VLLM_GIVEN).absolute()) if _VLLM_GIVEN else None
 
 
-# llm-compressor for quantized exports: $FTPIPE_QUANTIZE_PYTHON, else the README's `ftpipe quantize-env .quantize`.
-QUANTIZE_PYTHON = os.environ.pop("FTPIPE_QUANTIZE_PYTHON", None) or (str(ROOT / ".quantize" / "bin" / "python")
-                                                                      if (ROOT / ".quantize" / "bin" / "python").exists() else None)
+def _tool_python(variable: str, folder: str) -> str | None:
+    """A tool environment's Python for the tests: $variable, else the README's environment in the repository
+    (`ftpipe vllm-env .vllm`, `ftpipe quantize-env .quantize`). The variable is taken out of the tests' environment:
+    a test asks for the tool explicitly."""
+    given = os.environ.pop(variable, None) or (str(ROOT / folder / "bin" / "python") if (ROOT / folder / "bin" / "python").exists() else None)
+    return str(Path(given).absolute()) if given else None
+
+
+# vLLM's own code runs on artifacts, and llm-compressor quantizes exports, where their environments are given; CI sets
+# FTPIPE_REQUIRE_TOOL_ENVS, so there a missing environment fails those tests instead of skipping them.
+VLLM_PYTHON = _tool_python("FTPIPE_VLLM_PYTHON", ".vllm")
+QUANTIZE_PYTHON = _tool_python("FTPIPE_QUANTIZE_PYTHON", ".quantize")
 
 
 def vllm_required() -> None:
