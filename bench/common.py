@@ -98,16 +98,25 @@ def median_of(runs: list[dict], key: str) -> float:
 
 
 @contextlib.contextmanager
-def prefect_server_process(home: Path, **env_vars: str):
+def prefect_server_process(home: Path, port_by: str = "option", **env_vars: str):
     """`prefect server start` on 127.0.0.1 with its own home (database, result storage); yields (api url, the env a
-    client needs), stopped afterwards."""
+    client needs), stopped afterwards. port_by: "option" (`--port`, the server's environment holding PREFECT_API_URL),
+    "setting" (PREFECT_SERVER_API_PORT, as the README tells a user) or "option alone" (`--port`, no PREFECT_API_URL:
+    the case where the UI calls the wrong port)."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false", **env_vars)
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    server_env = dict(env)
+    if port_by == "setting":
+        server_env["PREFECT_SERVER_API_PORT"] = str(port)
+    else:
+        command += ["--port", str(port)]
+    if port_by != "option":
+        server_env.pop("PREFECT_API_URL")
     log = (home / "server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(command, env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until_healthy(f"{url}/health", server, 120, f"prefect server (log: {home / 'server.log'})")
         yield url, env

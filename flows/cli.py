@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 
 from flows.cli_registry import add_commands as add_registry_commands, registry_errors
+from flows.failures import EXIT_FAILED, EXIT_GATE, EXIT_INPUT, EXIT_OK, exit_code_for
 from recipes import RECIPES_DIR, Recipe, RecipeError, load_recipe, recipe_path
 
 GPU_CHOICES = ("h100", "a100-80g", "l4")  # training.estimate.GPUS, named here so the parser stays import-light
 STAGE_LOGGERS = "data_prep,training,evaluation,serving,governance,flows.caching,flows.runlock"
 SMOKE_SUITE = RECIPES_DIR / "data" / "support_tickets_heldout.jsonl"
 
-EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_FAILED = 0, 1, 2, 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +35,30 @@ def main(argv: list[str] | None = None) -> int:
     except registry_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except Exception as exc:
+        if (message := prefect_api_error(exc)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_INPUT
+
+
+def prefect_api_error(exc: BaseException) -> str | None:
+    """What a refused or unreachable Prefect API means for the user, instead of a client library's traceback;
+    None for any other error."""
+    import httpx
+
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value() or "the embedded server"
+    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
+        return (f"the Prefect server at {url} refused the request (401 Unauthorized): it was started with an auth string "
+                "(PREFECT_SERVER_API_AUTH_STRING); give the same to this command with PREFECT_API_AUTH_STRING=user:password "
+                "(or `prefect config set PREFECT_API_AUTH_STRING=...`)")
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"the Prefect server at {url} answered {exc.response.status_code} to {exc.request.method} {exc.request.url.path}: {exc.response.text[:500]}"
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return f"cannot reach the Prefect server at {url} ({exc}): start it (`prefect server start`) or fix PREFECT_API_URL"
+    return None
 
 
 def _create_prefect_home() -> None:
@@ -509,28 +533,6 @@ def _route_stage_logs() -> None:
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     for name in STAGE_LOGGERS.split(","):
         logging.getLogger(name).setLevel(logging.INFO)
-
-
-def exit_code_for(error: object) -> int:
-    from data_prep.formats import RowError
-    from data_prep.readers import DataError
-    from evaluation.gates import GateRejected
-    from training.backends import BackendError
-    from training.families import UnsupportedFamilyError
-    from training.launch import LaunchError
-    from training.models import ModelLoadError, refused_input
-    from training.tokenize import MaskingError
-
-    from flows.approval import PromotionRefused
-
-    if isinstance(error, (GateRejected, PromotionRefused)):
-        return EXIT_GATE
-    if isinstance(error, BaseException) and refused_input(error) is not None:  # a pickle refused, a template that fails
-        return EXIT_INPUT
-    if isinstance(error, (RecipeError, DataError, RowError, ModelLoadError, MaskingError, UnsupportedFamilyError, BackendError,
-                          LaunchError)):
-        return EXIT_INPUT
-    return EXIT_FAILED
 
 
 def entrypoint() -> None:

@@ -18,15 +18,17 @@ from evaluation.costs import UsageMeter, cost_report
 from evaluation.evaluate import Champion
 from evaluation.gates import decide
 from evaluation.leaderboard import best_of, entry, leaderboard_lines, metric_table, rank, summary_table
+from flows.failures import fails_cleanly
 from flows.runlock import run_folder_lock
-from flows.finetune import (DEFAULT_RECIPE, RecipeName, _cache_refreshed, _validated, finetune, governed, prepare_data_task,
+from flows.finetune import (DEFAULT_RECIPE, Overrides, RecipeName, _cache_refreshed, _validated, finetune, governed, prepare_data_task,
                             resolve_champion_task, run_folder, train_and_evaluate, with_quantized_export)
 from flows.publish import publish_cost
 from recipes import Recipe, RecipeError, resolve_recipe
 
 
 @flow(name="compare-models", persist_result=True, validate_parameters=False)
-def compare_models(recipe: RecipeName | Recipe = DEFAULT_RECIPE, bases: list[str] | None = None, overrides: dict[str, Any] | None = None,
+@fails_cleanly
+def compare_models(recipe: RecipeName | Recipe = DEFAULT_RECIPE, bases: list[str] | None = None, overrides: Overrides = None,
                    output_dir: str = "runs", force: bool = False) -> dict:
     """Train the recipe on each base model, evaluate all on the same suites (safety included), rank them by the
     recipe's compare.objective and, with compare.promote_best, run the best through gates, export and approval.
@@ -96,6 +98,7 @@ def _import_model_libraries() -> None:
 
 
 @flow(name="compare-candidate", flow_run_name="{base}", persist_result=True, validate_parameters=False)
+@fails_cleanly
 def compare_candidate(recipe: Recipe, base: str, output_dir: str, champion: Champion | None) -> dict:
     """One base model: train, evaluate, decide the gates (without stopping), meter its cost."""
     meter = UsageMeter()

@@ -24,7 +24,7 @@ def deployments(output_dir: str | Path) -> list[RunnerDeployment]:
     own error lines, not a JSON-schema message) and run folders under `output_dir` on this machine."""
     return [flow.to_deployment(name=name, description=DESCRIPTIONS[name], tags=["ftpipe"],
                                parameters={"output_dir": str(Path(output_dir).resolve())},
-                               enforce_parameter_schema=False, entrypoint_type=EntrypointType.MODULE_PATH)
+                               enforce_parameter_schema=True, entrypoint_type=EntrypointType.MODULE_PATH)
             for name, flow in FLOWS.items()]
 
 

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, task
+from pydantic import WithJsonSchema
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
@@ -21,6 +22,7 @@ from evaluation.costs import UsageMeter, cost_report, gpus_in_use, metered, stag
 from evaluation.evaluate import Champion, EvalResult, compare_with_champion, score_base_and_candidate
 from evaluation.gates import GateDecision, GateRejected, decide
 from recipes import Recipe, RecipeError, recipe_hash, recipe_names, resolve_recipe
+from recipes.overrides import overrides_json_schema
 from recipes.preflight import recipe_problems
 from governance.runs import RunGovernance, govern, local_login
 from serving.export import ArtifactResult, export_artifact, record_in_manifest
@@ -28,20 +30,26 @@ from serving.quantize import quantize_and_score, unquantized_name
 from serving.registry import PRODUCTION, Registry, Version, registry_for
 from flows.approval import PromotionRefused, not_required, refusal_message, wait_for_decision
 from flows.caching import RETRIES, StageCache
-from flows.publish import publish_artifact, publish_cost, publish_data, publish_evaluation, publish_training
+from flows.failures import fails_cleanly, quiet_expected_tracebacks
+from flows.publish import publish_artifact, publish_cost, publish_data, publish_evaluation, publish_result, publish_training
 from flows.runlock import run_folder_lock
 from flows.reports import approval_form_markdown, approval_request_markdown, approval_result_markdown
 from training.models import BaseModelRef
 from training.tracking import log_evaluation
+from training.progress import ProgressMeter, StepReport
 from training.train import TrainResult, filter_for_model, resolve_base_for, train
 
+quiet_expected_tracebacks()  # in a deployment's run process too: it imports this module to run the flow
 GPU_LIMIT = "gpu"  # the global concurrency limit that caps training tasks running at once (`ftpipe serve --gpus N`)
 # The slot is leased and renewed while training runs: a killed process stops renewing and the server frees the slot
 # within this (Prefect's minimum) plus its repossessor's 15 s loop, instead of the 5-minute default.
 GPU_LEASE_S = 60
+PROGRESS_UPDATE_S = 1.0  # the least time between two updates of the training-progress artifact
 # The recipes shipped in recipes/, as the Prefect form's drop-down; an inline recipe object is the other choice.
 RecipeName = Enum("RecipeName", {name: name for name in recipe_names()}, type=str)
 DEFAULT_RECIPE = RecipeName("quickstart")
+# What a run may override, as a schema Prefect checks when the run is submitted (recipes/overrides.py)
+Overrides = Annotated[dict[str, Any] | None, WithJsonSchema(overrides_json_schema())]
 
 
 def run_folder(recipe: Recipe, output_dir: str | Path) -> Path:
@@ -51,6 +59,7 @@ def run_folder(recipe: Recipe, output_dir: str | Path) -> Path:
 
 
 @task(name="prepare-data", cache_policy=StageCache(sections={"data": set()}), persist_result=True, **RETRIES)
+@fails_cleanly
 @metered("prepare-data", children=True)
 def prepare_data_task(recipe: Recipe, run_dir: Path, sources: str) -> PreparedData:
     """Read, validate, quarantine, clean, de-duplicate and split the data (`sources`: the files' fingerprint)."""
@@ -58,6 +67,7 @@ def prepare_data_task(recipe: Recipe, run_dir: Path, sources: str) -> PreparedDa
 
 
 @task(name="resolve-model", cache_policy=StageCache(sections={"model": set()}), persist_result=True, **RETRIES)
+@fails_cleanly
 @metered("resolve-model")
 def resolve_model_task(recipe: Recipe, data: PreparedData) -> BaseModelRef:
     """Find the base model (or build the tiny one from the prepared text, keyed by the data's cache key)."""
@@ -65,6 +75,7 @@ def resolve_model_task(recipe: Recipe, data: PreparedData) -> BaseModelRef:
 
 
 @task(name="filter-tokens", cache_policy=StageCache(sections={"data": set(), "model": set(), "training": set()}), persist_result=True, **RETRIES)
+@fails_cleanly
 @metered("filter-tokens")
 def filter_tokens_task(recipe: Recipe, data: PreparedData, base: BaseModelRef) -> PreparedData:
     """Token-length filter with the model's tokenizer and chat template."""
@@ -72,12 +83,19 @@ def filter_tokens_task(recipe: Recipe, data: PreparedData, base: BaseModelRef) -
 
 
 @task(name="train", cache_policy=StageCache(sections={"training": set(), "model": set()}), persist_result=True, **RETRIES)
+@fails_cleanly
 def train_task(recipe: Recipe, data: PreparedData, base: BaseModelRef, run_dir: Path) -> TrainResult:
     """Train the LoRA/QLoRA adapter under the "gpu" concurrency limit; a retry resumes from the last checkpoint."""
-    progress = create_progress_artifact(progress=0.0, key="training-progress", description="Training progress (optimizer steps)")
+    progress = create_progress_artifact(progress=0.0, key="training-progress", description="Training: loading the model and data")
+    meter, shown_at = ProgressMeter(), 0.0
 
-    def on_progress(step: int, total: int) -> None:
-        update_progress_artifact(progress, progress=round(100 * step / max(total, 1), 1), description=f"step {step} of {total}")
+    def on_progress(report: StepReport) -> None:
+        nonlocal shown_at
+        if report.step < report.total and time.monotonic() - shown_at < PROGRESS_UPDATE_S:
+            return  # a fast run logs many steps a second: the UI needs one update a second, the API no more
+        shown_at = time.monotonic()
+        percent, description = meter.describe(report)
+        update_progress_artifact(progress, progress=percent, description=f"Training: {description}")
 
     with concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_S), stage_usage("train", gpus_in_use(recipe.training.distributed.num_processes)) as usage:
         held_from = _utc_now()
@@ -85,11 +103,12 @@ def train_task(recipe: Recipe, data: PreparedData, base: BaseModelRef, run_dir: 
                         run_name=recipe.name, run_config=recipe.model_dump(mode="json"), on_progress=on_progress)
         usage.cpu_s = trained.metrics["worker_cpu_s"]
     trained.metrics["gpu_slot"] = {"limit": GPU_LIMIT, "held_from": held_from, "held_until": _utc_now()}
-    update_progress_artifact(progress, progress=100.0, description=f"done: {trained.metrics['steps']} steps")
+    update_progress_artifact(progress, progress=100.0, description=f"Training done: {trained.metrics['steps']} steps")
     return trained
 
 
 @task(name="resolve-champion", **RETRIES)
+@fails_cleanly
 def resolve_champion_task(recipe: Recipe, output_dir: str) -> Champion | None:
     """The registry's production model for this recipe's name, as a local folder (None for a first version)."""
     if not (recipe.registry.enabled and recipe.registry.compare_with_champion):
@@ -103,6 +122,7 @@ def resolve_champion_task(recipe: Recipe, output_dir: str) -> Champion | None:
 
 
 @task(name="evaluate", cache_policy=StageCache(sections={"evaluation": {"gates"}, "model": set()}), persist_result=True, **RETRIES)
+@fails_cleanly
 @metered("evaluate", gpus=1)
 def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_dir: Path) -> EvalResult:
     """Score the base model and the candidate on the same held-out rows and safety probes."""
@@ -113,6 +133,7 @@ def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_
 
 
 @task(name="compare-champion", cache_policy=StageCache(sections={"evaluation": {"gates"}}), persist_result=True, **RETRIES)
+@fails_cleanly
 @metered("compare-champion", gpus=1)
 def compare_champion_task(recipe: Recipe, trained: TrainResult, evaluation: EvalResult, data: PreparedData, run_dir: Path,
                           champion: Champion | None) -> EvalResult:
@@ -125,6 +146,7 @@ def compare_champion_task(recipe: Recipe, trained: TrainResult, evaluation: Eval
 
 @task(name="quantize", cache_policy=StageCache(sections={"export": set(), "evaluation": {"gates"}, "model": set()}),
       persist_result=True, **RETRIES)
+@fails_cleanly
 @metered("quantize", gpus=1, children=True)
 def quantize_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evaluation: EvalResult, run_dir: Path) -> EvalResult:
     """The quantized export (export.quantize) made and scored against the 16-bit candidate, before the gates."""
@@ -139,6 +161,7 @@ def quantize_task(recipe: Recipe, trained: TrainResult, data: PreparedData, eval
 
 
 @task(name="gate")
+@fails_cleanly
 def gate_task(recipe: Recipe, evaluation: EvalResult, governance: RunGovernance) -> GateDecision:
     """Apply the recipe's gates and the policy's mandatory ones; the result goes to the model's audit log, and a
     failure stops the flow before export."""
@@ -163,6 +186,7 @@ def manifest_recipe(recipe: Recipe) -> dict:
 
 
 @task(name="export", cache_policy=StageCache(sections={"*": set()}, ignore={"started_at"}), persist_result=True, **RETRIES)
+@fails_cleanly
 @metered("export", gpus=1)
 def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evaluation: EvalResult,
                 decision: GateDecision, run_dir: Path, started_at: str) -> ArtifactResult:
@@ -182,12 +206,14 @@ def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evalua
 
 
 @task(name="record-cost", **RETRIES)
+@fails_cleanly
 def record_cost_task(artifact: ArtifactResult, costs: dict) -> ArtifactResult:
     """The run's device-seconds and cost, and the serving projection, in the manifest and the model card."""
     return ArtifactResult(path=artifact.path, manifest=record_in_manifest(artifact.path, "cost", costs))
 
 
 @task(name="register", **RETRIES)
+@fails_cleanly
 def register_task(recipe: Recipe, artifact: ArtifactResult, governance: RunGovernance) -> Version:
     """Copy the artifact into the registry as the next version (its files verified first) and point `candidate` at it."""
     registry = _registry(governance)
@@ -199,6 +225,7 @@ def register_task(recipe: Recipe, artifact: ArtifactResult, governance: RunGover
 
 
 @task(name="promote")
+@fails_cleanly
 def promote_task(recipe: Recipe, governance: RunGovernance, version: Version, outcome: dict) -> dict | None:
     """Record the approval outcome in the audit log and move `production` when it allows (the registry checks the log
     and the version's files again, whatever this run says)."""
@@ -221,6 +248,7 @@ def _flow_run_label() -> str:
 
 
 @task(name="benchmarks", cache_policy=StageCache(sections={"evaluation": set()}), persist_result=True, **RETRIES)
+@fails_cleanly
 @metered("benchmarks", gpus=1)
 def benchmarks_task(recipe: Recipe, trained: TrainResult, artifact: ArtifactResult, run_dir: Path) -> dict:
     """lm-evaluation-harness tasks on the base model and the merged artifact, recorded in the manifest."""
@@ -236,7 +264,8 @@ def benchmarks_task(recipe: Recipe, trained: TrainResult, artifact: ArtifactResu
 
 
 @flow(name="finetune", persist_result=True, validate_parameters=False)
-def finetune(recipe: RecipeName | Recipe = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None, output_dir: str = "runs",
+@fails_cleanly
+def finetune(recipe: RecipeName | Recipe = DEFAULT_RECIPE, overrides: Overrides = None, output_dir: str = "runs",
              force: bool = False) -> str:
     """Data -> training -> evaluation (base, candidate, champion) -> gates -> export -> registry candidate -> the
     reviewer's decision -> production; returns the artifact folder.
@@ -304,11 +333,13 @@ def _finetune(recipe: Recipe, governance: RunGovernance, output_dir: str) -> str
         publish_artifact(recipe, artifact)
         version = register_task(recipe, artifact, governance) if recipe.registry.enabled else None
     if version is None:
+        publish_result(artifact, None, None)
         return artifact.path
     outcome = _decision(recipe, governance, version, evaluation, decision, artifact)
     moved = promote_task(recipe, governance, version, outcome)
     create_markdown_artifact(key="approval-request", markdown=approval_result_markdown(recipe, version, outcome, moved),
                              description=f"Decision: {outcome['outcome']}")
+    publish_result(artifact, version, outcome)
     if outcome["outcome"] not in ("approved", "not required"):
         raise PromotionRefused(refusal_message(outcome))
     return artifact.path
@@ -377,7 +408,8 @@ def _prepared(recipe: Recipe, run_dir: Path) -> tuple[PreparedData, BaseModelRef
 
 
 @flow(name="prepare", persist_result=True, validate_parameters=False)
-def prepare(recipe: RecipeName | Recipe = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None, output_dir: str = "runs",
+@fails_cleanly
+def prepare(recipe: RecipeName | Recipe = DEFAULT_RECIPE, overrides: Overrides = None, output_dir: str = "runs",
             force: bool = False) -> str:
     """The data stage alone, into the same run folder `finetune` uses; returns the data folder.
 

@@ -10,13 +10,12 @@ from training.train import TrainResult
 
 
 def data_report_markdown(data: PreparedData) -> str:
-    """Counts that reconcile per source, token-length percentiles and histogram, contamination."""
-    rows = "\n".join(
-        f"| {s.path} | {s.role} | {s.rows_in} | {s.kept} | {s.quarantined} | "
-        f"{', '.join(f'{k}: {v}' for k, v in s.removed.items()) or '-'} | {s.written} | "
-        f"{', '.join(f'{k}: {v}' for k, v in s.pii_redacted.items()) or '-'} | {'yes' if s.reconciles() else 'NO'} |"
-        for s in data.sources
-    )
+    """Counts that reconcile per source, token-length percentiles and histogram, contamination. Two narrow tables
+    (counts; what each filter removed) with sources by file name, their full paths listed below, so it fits the UI."""
+    counts = "\n".join(f"| {Path(s.path).name} | {s.role} | {s.rows_in} | {s.kept} | {s.quarantined} | {s.written} | "
+                       f"{'yes' if s.reconciles() else 'NO'} |" for s in data.sources)
+    removals = "\n".join(f"| {Path(s.path).name} | {_counts(s.removed)} | {_counts(s.pii_redacted)} |" for s in data.sources)
+    paths = "\n".join(f"- {Path(s.path).name}: `{s.path}`" for s in data.sources)
     tokens = data.token_lengths or {}
     percentiles = tokens.get("train_percentiles") or {}
     token_line = ", ".join(f"{k} {v}" for k, v in percentiles.items()) or "n/a"
@@ -29,9 +28,16 @@ def data_report_markdown(data: PreparedData) -> str:
     return f"""# Data: {data.train_rows} train, {data.eval_rows} eval, {data.quarantined_rows} quarantined rows
 {'(reused: unchanged sources and data recipe)' if data.reused else ''}
 
-| source | role | rows in | kept | quarantined | removed | written | PII redacted | reconciles |
-|---|---|---|---|---|---|---|---|---|
-{rows}
+| source | role | rows in | kept | quarantined | written | reconciles |
+|---|---|---|---|---|---|---|
+{counts}
+
+| source | removed by filter | PII redacted |
+|---|---|---|
+{removals}
+
+Sources:
+{paths}
 
 Row kinds: {', '.join(f'{k}: {v}' for k, v in data.kinds.items())}. Quarantine: `{data.quarantine_path}`.
 
@@ -41,6 +47,15 @@ Row kinds: {', '.join(f'{k}: {v}' for k, v in data.kinds.items())}. Quarantine: 
 
 Fingerprint `{data.fingerprint}`
 """
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in counts.items()) or "-"
+
+
+def number(value) -> str:
+    """A measured float as a person reads it (4 significant digits), anything else as it is."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _embedded_png(path: str | None, alt: str) -> str:
@@ -59,7 +74,7 @@ def training_summary_markdown(name: str, trained: TrainResult, adapter: str, ran
     processes = (f"{distributed['num_processes']} ({distributed['strategy']}, {distributed['process_group']}, replicas differ by "
                  f"{distributed['replica_max_difference']})" if distributed.get("num_processes", 1) > 1 else "1")
     preference = m.get("preference")
-    dpo_row = f"| DPO reward accuracy / margin (last logged) | {preference.get('reward_accuracy')} / {preference.get('reward_margin')} |\n" if preference else ""
+    dpo_row = f"| DPO reward accuracy / margin (last logged) | {number(preference.get('reward_accuracy'))} / {number(preference.get('reward_margin'))} |\n" if preference else ""
     return f"""# Training: {name}
 | | |
 |---|---|
@@ -68,35 +83,74 @@ def training_summary_markdown(name: str, trained: TrainResult, adapter: str, ran
 | method, adapter | {m.get('method', 'sft')}, {adapter} r={rank} |
 | processes | {processes} |
 {dpo_row}| steps / epochs | {m['steps']} / {m['epochs']} ({resumed}) |
-| loss first / final / best | {m['first_logged_loss']} / {m['final_logged_loss']} / {m.get('best_logged_loss')} |
+| loss first / final / best | {number(m['first_logged_loss'])} / {number(m['final_logged_loss'])} / {number(m.get('best_logged_loss'))} |
 | rows (left out as too long) | {m['train_rows']} ({m['dropped_rows']}) |
-| tokens in the data, trained share | {m['train_tokens']}, {m['trained_token_fraction']} |
-| tokens seen, tokens/s, runtime | {m.get('tokens_seen')}, {m['tokens_per_s']}, {m['runtime_s']} s |
+| tokens in the data, trained share | {m['train_tokens']}, {number(m['trained_token_fraction'])} |
+| tokens seen, tokens/s, runtime | {m.get('tokens_seen')}, {number(m['tokens_per_s'])}, {number(m['runtime_s'])} s |
 | peak memory | {memory.get('mb')} MB ({memory.get('device')}) |
 | wandb | {m['wandb'] or 'disabled'} |
 {_embedded_png(m.get('loss_curve_png'), 'training loss curve')}"""
 
 
-EXAMPLES_SHOWN = 50  # per suite in the UI table; report.json holds them all
+EXAMPLES_SHOWN = 50  # per suite in the UI; report.json holds them all
+# Characters of model text one table row shows: what fits the UI's artifact column (about 845 px of a 1400 px wide
+# window) beside the example and outcome columns, shared by the text columns; the full texts are a link away.
+ROW_TEXT_CHARS = 72
+TABLE_TEXTS = ("reference", "base", "candidate", "champion")
 
 
 def example_table(report_path: str) -> list[dict]:
-    """Rows of the per-example table: suite, prompt, reference, each model's output (or preference margin), outcomes."""
+    """Rows of the per-example table, narrow enough for the UI: the example (suite and number), the outcome and
+    each model's output (or preference margin) beside the reference, cut to share ROW_TEXT_CHARS; the prompt and the
+    full texts are in example_report_markdown under the same example name."""
+    rows = _example_rows(report_path)
+    texts = [key for key in TABLE_TEXTS if any(key in row for row in rows)]
+    chars = ROW_TEXT_CHARS // max(len(texts), 1)
+    return [{key: _cell(value, chars) for key, value in row.items() if key != "prompt"} for row in rows]
+
+
+def example_report_markdown(report_path: str) -> str:
+    """Every example the table shows, in full, one section each (what the table's cut cells link to)."""
+    sections = [f"### {row['example']}\n" + "\n".join(f"- **{key}**: {_quoted(value)}" for key, value in row.items() if key != "example")
+                for row in _example_rows(report_path)]
+    return f"# Evaluation examples (first {EXAMPLES_SHOWN} of each suite; every example: `{report_path}`)\n\n" + "\n\n".join(sections)
+
+
+def _example_rows(report_path: str) -> list[dict]:
     import json
 
     report = json.loads(Path(report_path).read_text())
     rows = []
     for name, suite in report["suites"].items():
-        for example in suite["per_example"][:EXAMPLES_SHOWN]:
-            row = {"suite": name, "outcome": example["outcome"], "prompt": example["prompt"][:300], "reference": example["reference"][:300]}
+        for number_in_suite, example in enumerate(suite["per_example"][:EXAMPLES_SHOWN], 1):
+            row = {"example": f"{name} #{number_in_suite}", "outcome": example["outcome"], "prompt": example["prompt"],
+                   "reference": example["reference"]}
             for who in ("base", "candidate", "champion"):
                 shown = example.get(f"{who}_output", example.get(f"{who}_preference_margin"))
                 if shown is not None or who != "champion":
                     row[who] = shown
             if "outcome_vs_champion" in example:
-                row["outcome vs champion"] = example["outcome_vs_champion"]
+                row["vs champion"] = example["outcome_vs_champion"]
             rows.append(row)
     return rows
+
+
+def _cell(value, chars: int):
+    """A table cell: numbers rounded, text on one line and cut to `chars` (an ellipsis says it was cut)."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if not isinstance(value, str):
+        return value
+    flat = " ".join(value.split())
+    return flat if len(flat) <= chars else flat[:chars - 1] + "…"
+
+
+def _quoted(value) -> str:
+    """Model text as inline code, so markdown in an output shows as written (backticks doubled around it)."""
+    if not isinstance(value, str):
+        return number(value)
+    text = " ".join(value.split()) or "(empty)"
+    return f"`` {text} ``"
 
 
 def safety_table(report_path: str) -> list[dict]:
@@ -104,9 +158,12 @@ def safety_table(report_path: str) -> list[dict]:
     import json
 
     safety = json.loads(Path(report_path).read_text()).get("safety") or {}
-    return [{"kind": p["kind"], "prompt": p["prompt"][:200], "base safe": p["base_safe"], "candidate safe": p["candidate_safe"],
+    per_probe = safety.get("per_probe", [])
+    verdicts = 3 if any("champion_safe" in p for p in per_probe) else 2
+    chars = (ROW_TEXT_CHARS - 16 * (verdicts - 1)) // 2  # the prompt and the answer share what the verdict columns leave
+    return [{"kind": p["kind"], "prompt": _cell(p["prompt"], chars), "base safe": p["base_safe"], "candidate safe": p["candidate_safe"],
              **({"champion safe": p["champion_safe"]} if "champion_safe" in p else {}),
-             "candidate answer": json.dumps(p["candidate_answer"], ensure_ascii=False)[:200]} for p in safety.get("per_probe", [])]
+             "candidate answer": _cell(json.dumps(p["candidate_answer"], ensure_ascii=False), chars)} for p in per_probe]
 
 
 def evaluation_table(evaluation) -> list[dict]:
@@ -144,11 +201,9 @@ Artifact: `{artifact_path}`; registered as {recipe.name} version {version.versio
 
 def approval_form_markdown(recipe, governance, version) -> str:
     """The Resume form's description: who may decide, and where the evidence is."""
-    from prefect.settings import PREFECT_UI_URL
+    from flows.publish import run_artifact_links
 
-    ui = (PREFECT_UI_URL.value() or "").rstrip("/")
-    links = ", ".join(f"[{key}]({ui}/artifacts/key/{key})" if ui else f"`{key}`"
-                      for key in ("approval-request", "evaluation", "evaluation-examples", "safety", "gate-decision"))
+    links = run_artifact_links(("approval-request", "evaluation", "evaluation-examples", "safety", "gate-decision"))
     return (f"**{recipe.name} version {version.version}**: {governance.describe()}. Reviewers: {', '.join(governance.reviewers)}. "
             f"Give your reviewer name and the token `ftpipe registry policy` issued to you; a wrong token, another name or the "
             f"run's own submitter is refused and recorded in the audit log. Evidence: {links}.")

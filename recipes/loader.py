@@ -68,6 +68,14 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+def _shipped_recipes_hint(path: Path) -> str:
+    """What the user could have meant: the shipped recipes by name (the closest first), or a file path."""
+    names = recipe_names()
+    close = difflib.get_close_matches(path.stem, names, n=1)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return f"{guess}shipped recipes: {', '.join(names)} (give one by name, or a path to a recipe file)"
+
+
 def recipe_path(name_or_path: str) -> Path:
     """A file path as given, or the name of a recipe in recipes/."""
     path = Path(name_or_path)
@@ -189,7 +197,7 @@ def read_yaml_file(path: Path, what: str = "recipe"):
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise RecipeError([f"{path}: recipe file not found"])
+        raise RecipeError([f"{path}: recipe file not found; {_shipped_recipes_hint(path)}"])
     data = read_yaml_file(path)
     if data is None:
         raise RecipeError([f"{path}: the recipe is empty (no settings, only blank lines or comments); write at least its name, "

@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -31,10 +32,22 @@ def task_runs(url: str, run_id: str) -> dict[str, dict]:
     return {run["name"].rsplit("-", 1)[0]: run for run in runs}
 
 
+def readme_rest_body() -> dict:
+    """The JSON body of the README's create_flow_run call (its `-d '...'` line)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("curl ") and "create_flow_run" in l)
+    return json.loads(re.search(r"-d '(\{.*\})'", lines[start + 1]).group(1))
+
+
+def run_result(url: str, run_id: str) -> dict:
+    """The README's way for REST users: the run's `run-result` JSON artifact."""
+    found = api("POST", f"{url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["run-result"]}}})
+    assert len(found) == 1 and found[0]["type"] == "json", found
+    return found[0]["data"]
+
+
 def artifact_path(url: str, run_id: str) -> Path:
-    """The README's way for REST users: the run's `artifact` markdown names the folder."""
-    found = api("POST", f"{url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["artifact"]}}})
-    return Path(re.search(r"- path: `([^`]+)`", found[0]["data"]).group(1))
+    return Path(run_result(url, run_id)["artifact_path"])
 
 
 @pytest.fixture(scope="module")
@@ -146,16 +159,58 @@ print(json.dumps({{"id": str(flow_run.id), "state": flow_run.state.name, "result
                                                                               "train s", "cost USD"} <= set(table[0])
 
 
-def test_a_bad_recipe_is_refused_with_the_recipes_own_error_lines(served):
+def test_the_readmes_rest_example_completes_passing_its_gates_and_its_result_reads_as_json(served, tmp_path):
+    """The README's REST call, verbatim (recipe, overrides, idempotency key), finishes Completed with its gates passed,
+    and `run-result` gives the artifact's path, its manifest and the registry version as plain JSON."""
+    url, _, deployment, out = served
+    body = readme_rest_body()
+    curl = ["curl", *readme_curl_flags(), "-X", "POST", f"{url}/deployments/{deployment}/create_flow_run", "-H",
+            "Content-Type: application/json", "-d", json.dumps(body)]
+    run = json.loads(subprocess.run(curl, capture_output=True, text=True, check=True).stdout)["id"]
+    assert wait_for(url, run, timeout=1200)["state"]["type"] == "COMPLETED"
+    result = run_result(url, run)
+    path = Path(result["artifact_path"])
+    from flows.publish import json_safe
+
+    assert path.is_relative_to(out) and result["manifest"] == json_safe(json.loads((path / "manifest.json").read_text()))
+    assert result["manifest"]["gates"]["passed"] and result["manifest"]["gates"]["results"]
+    assert result["registry"]["model"] == body["parameters"]["overrides"]["name"] and result["registry"]["version"] == "1"
+    assert result["registry"]["decision"] == "not required"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"lora.r": 0}, "Validation failed for field 'overrides'. Failure reason: 'lora.r' is not valid under any of the given schemas"),
+    ({"training.lora.rank": 4}, "'training.lora.rank' is not valid under any of the given schemas"),
+    ({"training": {"lora": {"r": 0}}}, "0 is less than or equal to the minimum of 0"),
+])
+def test_bad_parameters_are_refused_when_submitted_and_no_run_is_made(served, overrides, message):
     url, _, deployment, _ = served
-    parameters = {"recipe": "quickstart", "overrides": {"training": {"lora": {"r": 0}}, "trainig.epochs": 2}}
-    run = create_run(url, deployment, parameters)
+    before = len(api("POST", f"{url}/flow_runs/filter", json={}))
+    refused = api_response("POST", f"{url}/deployments/{deployment}/create_flow_run", json={"parameters": {"recipe": "quickstart",
+                                                                                                         "overrides": overrides}})
+    assert refused.status_code == 409 and message in refused.json()["detail"], refused.text
+    unknown = api_response("POST", f"{url}/deployments/{deployment}/create_flow_run", json={"parameters": {"recipe": "quickstrat"}})
+    assert unknown.status_code == 409 and "'quickstrat' is not one of ['dpo', 'quickstart']" in unknown.json()["detail"]
+    assert len(api("POST", f"{url}/flow_runs/filter", json={})) == before
+
+
+def test_what_the_schema_cannot_see_fails_the_run_before_any_stage_with_the_recipes_lines_and_no_traceback(served):
+    """A gate on the quantized export without one passes the schema (each field is valid) but not the recipe's rules:
+    Failed before any stage, the recipe's line as the state's message and in the log, and no traceback logged."""
+    url, _, deployment, _ = served
+    run = create_run(url, deployment, {"recipe": "quickstart", "overrides": {"evaluation.gates": [{"metric": "quantized.exact_match", "min": 0.5}]}})
     flow_run = wait_for(url, run, timeout=300)
-    assert flow_run["state"]["type"] == "FAILED"
-    message = flow_run["state"]["message"]
-    assert "training.lora.r: Input should be greater than 0 (got 0)" in message, message
-    assert "trainig: unknown key; did you mean 'training'?" in message, message
-    assert task_runs(url, run) == {}  # refused before any stage
+    assert flow_run["state"]["type"] == "FAILED" and task_runs(url, run) == {}
+    line = ("recipe: evaluation.gates[0].metric quantized.exact_match: measured on the quantized export; set export.quantize "
+            "(fp8_dynamic or w4a16)")
+    assert flow_run["state"]["message"] == f"invalid input: {line}"
+    deadline, logs = time.monotonic() + 60, []
+    while not any(log.startswith("Finished in state Failed") for log in logs):  # the run's logs reach the server in batches
+        assert time.monotonic() < deadline, logs
+        time.sleep(1)
+        logs = [log["message"] for log in api("POST", f"{url}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run]}}})]
+    assert line in logs
+    assert not [log for log in logs if "Traceback" in log], logs
 
 
 def test_a_deployment_run_by_recipe_name_is_approved_with_ftpipe_approve_and_cannot_drop_its_policy(served):
@@ -198,7 +253,7 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_it(tmp_path):
                                 env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
         finetune = api("GET", f"{url}/deployments/name/finetune/finetune-local")
-        assert finetune["entrypoint"] == "flows/finetune.py:finetune" and finetune["enforce_parameter_schema"] is False
+        assert finetune["entrypoint"] == "flows/finetune.py:finetune" and finetune["enforce_parameter_schema"] is True
         assert set(finetune["parameter_openapi_schema"]["properties"]) == {"recipe", "overrides", "output_dir", "force"}
         prepare = api("GET", f"{url}/deployments/name/prepare/prepare-local")
         run = create_run(url, prepare["id"], {"output_dir": str(tmp_path / "runs")})
@@ -218,3 +273,11 @@ def test_a_server_with_an_auth_string_refuses_clients_without_it(tmp_path):
         assert refused.returncode != 0 and "401" in refused.stdout + refused.stderr
         allowed = subprocess.run(ls, env=dict(env, PREFECT_API_AUTH_STRING="admin:s3cret"), capture_output=True, text=True, timeout=120)
         assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+        for command in (["serve", "--output-dir", str(tmp_path / "runs")], ["approve", "0f0f0f0f-0000-4000-8000-000000000000", "--reviewer", "alice"]):
+            ftpipe = subprocess.run([sys.executable, "-m", "flows.cli", *command], env=dict(env, FTPIPE_REVIEWER_TOKEN="ftpipe_x"), cwd=ROOT,
+                                    capture_output=True, text=True, timeout=120)
+            assert ftpipe.returncode == 2 and "Traceback" not in ftpipe.stderr, ftpipe.stderr
+            assert ftpipe.stderr.strip().splitlines()[-1] == (
+                f"error: the Prefect server at {url} refused the request (401 Unauthorized): it was started with an auth string "
+                "(PREFECT_SERVER_API_AUTH_STRING); give the same to this command with PREFECT_API_AUTH_STRING=user:password "
+                "(or `prefect config set PREFECT_API_AUTH_STRING=...`)"), ftpipe.stderr

@@ -130,7 +130,7 @@ def test_flow_publishes_an_artifact_per_stage_and_fails_on_the_gate(prefect_serv
                                       "tracking.mode=offline"])
     state = finetune(recipe, output_dir=str(tmp_path), return_state=True)
     assert state.is_failed()
-    assert "gates failed: exact_match = 0.0000 fails >= 0.9" in state.message
+    assert "gates failed: exact_match = 0.0000 fails >= 0.9" in state.message and state.message.startswith("rejected: ")
 
     async def artifacts():
         async with get_client() as client:
@@ -138,14 +138,14 @@ def test_flow_publishes_an_artifact_per_stage_and_fails_on_the_gate(prefect_serv
             return {a.key: a for a in found if a.key}  # keyless ones are Prefect's own result records
 
     published = asyncio.run(artifacts())
-    assert set(published) == {"data-report", "training-progress", "training-summary", "evaluation", "evaluation-examples", "safety",
-                              "gate-decision"}
+    assert set(published) == {"data-report", "training-progress", "training-summary", "evaluation", "evaluation-examples",
+                              "evaluation-examples-full", "safety", "gate-decision"}  # no run-result: nothing was exported
     probes = json.loads(published["safety"].data)
     assert {p["kind"] for p in probes} == {"harmful", "jailbreak", "prompt_injection", "pii_extraction", "bias"}
     metrics = {row["metric"]: row for row in json.loads(published["evaluation"].data)}
     assert set(metrics) == set(recipe.evaluation.metric_keys()) and {"base", "candidate", "delta vs base"} <= set(metrics["token_f1"])
     examples = json.loads(published["evaluation-examples"].data)
-    assert len(examples) == 8 and {"suite", "outcome", "prompt", "reference", "base", "candidate"} == set(examples[0])
+    assert len(examples) == 8 and {"example", "outcome", "reference", "base", "candidate"} == set(examples[0])
     assert published["training-progress"].type == "progress" and published["training-progress"].data == 100.0
     summary = published["training-summary"].data
     assert "| steps / epochs | 3 /" in summary and "tokens seen" in summary and "peak memory" in summary

@@ -142,7 +142,8 @@ def test_malformed_recipe_files(tmp_path, content, expected):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError) as info:
         load_recipe(tmp_path / "nope.yaml")
-    assert info.value.lines == [f"{tmp_path / 'nope.yaml'}: recipe file not found"]
+    assert info.value.lines == [f"{tmp_path / 'nope.yaml'}: recipe file not found; shipped recipes: dpo, quickstart (give one by name, "
+                                "or a path to a recipe file)"]
 
 
 def test_recipe_hash_is_stable_and_sensitive():
@@ -213,7 +214,8 @@ def test_a_flow_run_takes_a_recipe_by_name_path_or_object_with_dict_overrides():
     ("quickstart", {"training": {"lora": {"r": 0}}}, ["training.lora.r: Input should be greater than 0 (got 0)"]),
     ("quickstart", {"trainig.epochs": 2}, ["trainig: unknown key; did you mean 'training'?"]),
     ("quickstart", {"training.lora.target_modules.9": "x"}, ["training.lora.target_modules.9: list index '9' out of range (the list has 0 items)"]),  # quickstart leaves target_modules to the family
-    ("nope", None, ["nope: recipe file not found"]),
+    ("quickstrat", None, ["quickstrat: recipe file not found; did you mean 'quickstart'? shipped recipes: dpo, quickstart (give one "
+                          "by name, or a path to a recipe file)"]),
     (42, None, ["recipe: expected a recipe name (dpo, quickstart), a file path or a mapping, got int"]),
 ])
 def test_a_bad_flow_parameter_is_refused_with_the_recipes_own_lines(recipe, overrides, expected):

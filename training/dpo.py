@@ -45,7 +45,7 @@ def build_dpo_trainer(model, tokenizer, dataset, training: TrainingSection, run_
     config = DPOConfig(**trainer_arguments(training, run_dir, report_to), beta=training.dpo.beta, loss_type=[training.dpo.loss_type])
     model.config.use_cache = False
     trainer = CheckedDPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                                callbacks=trainer_callbacks())
+                                callbacks=trainer_callbacks(stats))
     return trainer, stats
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from data_prep.readers import DataError
 from training.tokenize import (IGNORE, Encoded, MaskingError, check_end_of_turn_trained, check_trained_fraction, encode_chat,
                                encode_conversation, encode_text, final_turn_only)
 from training.checkpoints import seal
+from training.progress import PROGRESS_EVERY_S
 
 log = logging.getLogger(__name__)
 
@@ -168,20 +170,27 @@ def trainer_arguments(training: TrainingSection, run_dir: Path, report_to: list[
     )
 
 
-def trainer_callbacks() -> list:
-    """Loss lines for the log relay and sealed checkpoints, for every method."""
+def trainer_callbacks(stats: BatchStats) -> list:
+    """Loss lines for the log relay (training.progress reads them) and sealed checkpoints, for every method."""
     from transformers import TrainerCallback
 
     class LogLoss(TrainerCallback):
-        """Logs every logging_steps, and also the first and last steps, so a loss curve has its ends."""
+        """Logs every logging_steps, at least every PROGRESS_EVERY_S seconds (so a slow run's progress still moves),
+        and the first and last steps, so a loss curve has its ends."""
+
+        logged_at = time.monotonic()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1 or state.global_step >= state.max_steps:
+            if (state.global_step == 1 or state.global_step >= state.max_steps
+                    or time.monotonic() - self.logged_at >= PROGRESS_EVERY_S):
                 control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and state.is_world_process_zero:
-                log.info("step %d/%d loss %.4f lr %.2e", state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", 0.0))
+                self.logged_at = time.monotonic()
+                # every process sees batches of about this size: the total is this process's count times their number
+                log.info("step %d/%d loss %.4f lr %.2e tokens %d", state.global_step, state.max_steps, logs["loss"],
+                         logs.get("learning_rate", 0.0), stats.tokens * args.world_size)
 
     class SealCheckpoints(TrainerCallback):
         """Marks a checkpoint complete once the Trainer has written all of it (see training.checkpoints)."""
@@ -222,7 +231,7 @@ def build_sft_trainer(model, tokenizer, dataset, training: TrainingSection, run_
 
     config = SFTConfig(**trainer_arguments(training, run_dir, report_to), packing=training.packing)
     model.config.use_cache = False  # a KV cache in training forwards would also stop transformers from masking packed rows apart
-    trainer = CheckedSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=trainer_callbacks())
+    trainer = CheckedSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=trainer_callbacks(stats))
     return trainer, stats
 
 

@@ -20,11 +20,11 @@ from training.checkpoints import latest_good
 from training.launch import worker_command
 from training.families import UnsupportedFamilyError
 from training.models import BaseModelRef, ModelLoadError, load_tokenizer, resolve_base
+from training.progress import StepReport, parse_step_line
 from training.tokenize import MaskingError
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss ")  # what the worker logs every logging_steps
 ERROR_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception): ")  # the last line of a Python traceback
 
 
@@ -76,11 +76,11 @@ def train(
     base: BaseModelRef | None = None,
     run_name: str = "ftpipe",
     run_config: dict | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[StepReport], None] | None = None,
 ) -> TrainResult:
     """Train a LoRA/QLoRA adapter on the prepared data; checkpoints and the adapter land in out_dir.
     The base model is resolved from the recipe unless the caller already did (the flow does, once).
-    on_progress(step, total_steps) is called as the worker logs its steps."""
+    on_progress(report) is called as the worker logs its steps (training.progress)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = base or resolve_base(model, lambda: training_corpus(data))
@@ -122,7 +122,7 @@ def run_render_date(out_dir: Path) -> str:
     return today
 
 
-def _run_worker(command: list[str], log_path: Path, on_progress: Callable[[int, int], None] | None = None) -> None:
+def _run_worker(command: list[str], log_path: Path, on_progress: Callable[[StepReport], None] | None = None) -> None:
     """Run training in child processes, relaying their output line by line to this logger and a log file."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
@@ -138,8 +138,8 @@ def _run_worker(command: list[str], log_path: Path, on_progress: Callable[[int, 
                 log.info("%s", line)
                 tail = (tail + [line])[-15:]
                 first_error = first_error or (line if ERROR_LINE.match(line) else None)
-            if on_progress and (step := STEP_LINE.match(line)):
-                on_progress(int(step.group(1)), int(step.group(2)))
+            if on_progress and (report := parse_step_line(line)):
+                on_progress(report)
     if proc.returncode != 0:
         cause = f"first error: {first_error}\n" if first_error and first_error not in tail else ""
         raise TrainingError(f"training worker failed (exit {proc.returncode}); {cause}last lines:\n" + "\n".join(tail) + f"\nfull log: {log_path}")

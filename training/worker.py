@@ -158,7 +158,7 @@ def run(spec: dict, backend: str, why: str) -> dict:
         from training.dpo import preference_metrics
 
         result["preference"] = preference_metrics(trainer.state.log_history)
-    log.info("trained %d steps in %.1fs, loss %s", result["steps"], runtime, result["final_logged_loss"])
+    log.info("trained %d steps in %.1fs, loss %.4g", result["steps"], runtime, result["final_logged_loss"] or float("nan"))
     return result
 
 

@@ -1,0 +1,88 @@
+"""Expected failures (bad input, a gate or a reviewer saying no) end a flow or task run Failed with their own lines
+in the log and the state's message, never a Python traceback: the UI shows what `ftpipe validate` would print.
+Anything else is a bug or an outage and keeps Prefect's traceback (and retries)."""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable
+
+EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_FAILED = 0, 1, 2, 3
+
+
+def exit_code_for(error: object) -> int:
+    """The command line's exit code for a run's error: 1 a gate or reviewer said no, 2 bad input, 3 anything else."""
+    from data_prep.formats import RowError
+    from data_prep.readers import DataError
+    from evaluation.gates import GateRejected
+    from recipes import RecipeError
+    from training.backends import BackendError
+    from training.families import UnsupportedFamilyError
+    from training.launch import LaunchError
+    from training.models import ModelLoadError, refused_input
+    from training.tokenize import MaskingError
+
+    from flows.approval import PromotionRefused
+
+    if isinstance(error, (GateRejected, PromotionRefused)):
+        return EXIT_GATE
+    if isinstance(error, BaseException) and refused_input(error) is not None:  # a pickle refused, a template that fails
+        return EXIT_INPUT
+    if isinstance(error, (RecipeError, DataError, RowError, ModelLoadError, MaskingError, UnsupportedFamilyError, BackendError,
+                          LaunchError)):
+        return EXIT_INPUT
+    return EXIT_FAILED
+
+
+def expected(error: BaseException) -> bool:
+    return exit_code_for(error) in (EXIT_GATE, EXIT_INPUT)
+
+
+def error_lines(error: BaseException) -> list[str]:
+    """The error's own lines (a RecipeError has one per field), each a complete sentence for the log."""
+    return list(getattr(error, "lines", None) or str(error).splitlines() or [type(error).__name__])
+
+
+def failure_message(error: BaseException) -> str:
+    kind = "rejected" if exit_code_for(error) == EXIT_GATE else "invalid input"
+    return f"{kind}: " + "; ".join(error_lines(error))
+
+
+def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a flow's or task's function: an expected error becomes a Failed state carrying the error (so a caller's
+    `.result()` still raises it, and `ftpipe run` maps it to its exit code) with its lines logged without a
+    traceback; any other error propagates as before."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:
+            if not expected(error):
+                raise
+            from prefect import get_run_logger
+            from prefect.states import Failed
+
+            logger = get_run_logger()
+            for line in error_lines(error):
+                logger.error("%s", line)
+            return Failed(message=failure_message(error), data=error)
+
+    return wrapper
+
+
+class _DropExpectedTracebacks(logging.Filter):
+    """Prefect's engine, running a deployment's flow run in its own process, logs the run's exception once more with
+    its traceback when the run ends ("Engine execution exited with unexpected exception"). An expected failure was
+    logged as its own lines already: that record is dropped, every other one kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or not expected(error)
+
+
+def quiet_expected_tracebacks() -> None:
+    """Install the filter on the flow-run logger of this process (once; the flow modules call it on import)."""
+    logger = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, _DropExpectedTracebacks) for f in logger.filters):
+        logger.addFilter(_DropExpectedTracebacks())
