@@ -1,5 +1,5 @@
-"""Expected failures (bad input, a gate or a reviewer saying no) end a flow or task run Failed with their own lines
-in the log and the state's message, never a Python traceback: the UI shows what `ftpipe validate` would print.
+"""Expected failures (bad input, a gate or a reviewer saying no) end a flow run Failed with their own lines in the
+log and the state's message, never a Python traceback: the UI shows what `ftpipe validate` would print.
 Anything else is a bug or an outage and keeps Prefect's traceback (and retries)."""
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def failure_message(error: BaseException) -> str:
 
 
 def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a flow's or task's function: an expected error becomes a Failed state carrying the error (so a caller's
+    """Wrap a flow's function (a task's Failed state would reach its caller as None, not as the error): an expected error becomes a Failed state carrying the error (so a caller's
     `.result()` still raises it, and `ftpipe run` maps it to its exit code) with its lines logged without a
     traceback; any other error propagates as before."""
 
@@ -72,17 +72,25 @@ def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class _DropExpectedTracebacks(logging.Filter):
-    """Prefect's engine, running a deployment's flow run in its own process, logs the run's exception once more with
-    its traceback when the run ends ("Engine execution exited with unexpected exception"). An expected failure was
-    logged as its own lines already: that record is dropped, every other one kept."""
+    """Prefect logs a task's exception with its traceback ("Task run failed with exception"), and its engine, running a
+    deployment's flow run in its own process, logs the run's exception once more when the run ends ("Engine execution
+    exited with unexpected exception"). For an expected failure the task's line keeps its message without the
+    traceback, and the engine's record, which would call it unexpected, is dropped; any other error keeps both."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return error is None or not expected(error)
+        if error is None or not expected(error):
+            return True
+        if str(record.msg).startswith("Engine execution exited"):
+            return False
+        record.exc_info, record.exc_text = None, None
+        return True
 
 
 def quiet_expected_tracebacks() -> None:
-    """Install the filter on the flow-run logger of this process (once; the flow modules call it on import)."""
-    logger = logging.getLogger("prefect.flow_runs")
-    if not any(isinstance(f, _DropExpectedTracebacks) for f in logger.filters):
-        logger.addFilter(_DropExpectedTracebacks())
+    """Install the filter on the flow-run and task-run loggers of this process (once; the flow modules call it on
+    import)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpectedTracebacks) for f in logger.filters):
+            logger.addFilter(_DropExpectedTracebacks())

@@ -59,7 +59,6 @@ def run_folder(recipe: Recipe, output_dir: str | Path) -> Path:
 
 
 @task(name="prepare-data", cache_policy=StageCache(sections={"data": set()}), persist_result=True, **RETRIES)
-@fails_cleanly
 @metered("prepare-data", children=True)
 def prepare_data_task(recipe: Recipe, run_dir: Path, sources: str) -> PreparedData:
     """Read, validate, quarantine, clean, de-duplicate and split the data (`sources`: the files' fingerprint)."""
@@ -67,7 +66,6 @@ def prepare_data_task(recipe: Recipe, run_dir: Path, sources: str) -> PreparedDa
 
 
 @task(name="resolve-model", cache_policy=StageCache(sections={"model": set()}), persist_result=True, **RETRIES)
-@fails_cleanly
 @metered("resolve-model")
 def resolve_model_task(recipe: Recipe, data: PreparedData) -> BaseModelRef:
     """Find the base model (or build the tiny one from the prepared text, keyed by the data's cache key)."""
@@ -75,7 +73,6 @@ def resolve_model_task(recipe: Recipe, data: PreparedData) -> BaseModelRef:
 
 
 @task(name="filter-tokens", cache_policy=StageCache(sections={"data": set(), "model": set(), "training": set()}), persist_result=True, **RETRIES)
-@fails_cleanly
 @metered("filter-tokens")
 def filter_tokens_task(recipe: Recipe, data: PreparedData, base: BaseModelRef) -> PreparedData:
     """Token-length filter with the model's tokenizer and chat template."""
@@ -83,7 +80,6 @@ def filter_tokens_task(recipe: Recipe, data: PreparedData, base: BaseModelRef) -
 
 
 @task(name="train", cache_policy=StageCache(sections={"training": set(), "model": set()}), persist_result=True, **RETRIES)
-@fails_cleanly
 def train_task(recipe: Recipe, data: PreparedData, base: BaseModelRef, run_dir: Path) -> TrainResult:
     """Train the LoRA/QLoRA adapter under the "gpu" concurrency limit; a retry resumes from the last checkpoint."""
     progress = create_progress_artifact(progress=0.0, key="training-progress", description="Training: loading the model and data")
@@ -108,7 +104,6 @@ def train_task(recipe: Recipe, data: PreparedData, base: BaseModelRef, run_dir: 
 
 
 @task(name="resolve-champion", **RETRIES)
-@fails_cleanly
 def resolve_champion_task(recipe: Recipe, output_dir: str) -> Champion | None:
     """The registry's production model for this recipe's name, as a local folder (None for a first version)."""
     if not (recipe.registry.enabled and recipe.registry.compare_with_champion):
@@ -122,7 +117,6 @@ def resolve_champion_task(recipe: Recipe, output_dir: str) -> Champion | None:
 
 
 @task(name="evaluate", cache_policy=StageCache(sections={"evaluation": {"gates"}, "model": set()}), persist_result=True, **RETRIES)
-@fails_cleanly
 @metered("evaluate", gpus=1)
 def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_dir: Path) -> EvalResult:
     """Score the base model and the candidate on the same held-out rows and safety probes."""
@@ -133,7 +127,6 @@ def evaluate_task(recipe: Recipe, trained: TrainResult, data: PreparedData, run_
 
 
 @task(name="compare-champion", cache_policy=StageCache(sections={"evaluation": {"gates"}}), persist_result=True, **RETRIES)
-@fails_cleanly
 @metered("compare-champion", gpus=1)
 def compare_champion_task(recipe: Recipe, trained: TrainResult, evaluation: EvalResult, data: PreparedData, run_dir: Path,
                           champion: Champion | None) -> EvalResult:
@@ -146,7 +139,6 @@ def compare_champion_task(recipe: Recipe, trained: TrainResult, evaluation: Eval
 
 @task(name="quantize", cache_policy=StageCache(sections={"export": set(), "evaluation": {"gates"}, "model": set()}),
       persist_result=True, **RETRIES)
-@fails_cleanly
 @metered("quantize", gpus=1, children=True)
 def quantize_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evaluation: EvalResult, run_dir: Path) -> EvalResult:
     """The quantized export (export.quantize) made and scored against the 16-bit candidate, before the gates."""
@@ -161,7 +153,6 @@ def quantize_task(recipe: Recipe, trained: TrainResult, data: PreparedData, eval
 
 
 @task(name="gate")
-@fails_cleanly
 def gate_task(recipe: Recipe, evaluation: EvalResult, governance: RunGovernance) -> GateDecision:
     """Apply the recipe's gates and the policy's mandatory ones; the result goes to the model's audit log, and a
     failure stops the flow before export."""
@@ -186,7 +177,6 @@ def manifest_recipe(recipe: Recipe) -> dict:
 
 
 @task(name="export", cache_policy=StageCache(sections={"*": set()}, ignore={"started_at"}), persist_result=True, **RETRIES)
-@fails_cleanly
 @metered("export", gpus=1)
 def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evaluation: EvalResult,
                 decision: GateDecision, run_dir: Path, started_at: str) -> ArtifactResult:
@@ -206,14 +196,12 @@ def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evalua
 
 
 @task(name="record-cost", **RETRIES)
-@fails_cleanly
 def record_cost_task(artifact: ArtifactResult, costs: dict) -> ArtifactResult:
     """The run's device-seconds and cost, and the serving projection, in the manifest and the model card."""
     return ArtifactResult(path=artifact.path, manifest=record_in_manifest(artifact.path, "cost", costs))
 
 
 @task(name="register", **RETRIES)
-@fails_cleanly
 def register_task(recipe: Recipe, artifact: ArtifactResult, governance: RunGovernance) -> Version:
     """Copy the artifact into the registry as the next version (its files verified first) and point `candidate` at it."""
     registry = _registry(governance)
@@ -225,7 +213,6 @@ def register_task(recipe: Recipe, artifact: ArtifactResult, governance: RunGover
 
 
 @task(name="promote")
-@fails_cleanly
 def promote_task(recipe: Recipe, governance: RunGovernance, version: Version, outcome: dict) -> dict | None:
     """Record the approval outcome in the audit log and move `production` when it allows (the registry checks the log
     and the version's files again, whatever this run says)."""
@@ -248,7 +235,6 @@ def _flow_run_label() -> str:
 
 
 @task(name="benchmarks", cache_policy=StageCache(sections={"evaluation": set()}), persist_result=True, **RETRIES)
-@fails_cleanly
 @metered("benchmarks", gpus=1)
 def benchmarks_task(recipe: Recipe, trained: TrainResult, artifact: ArtifactResult, run_dir: Path) -> dict:
     """lm-evaluation-harness tasks on the base model and the merged artifact, recorded in the manifest."""

@@ -125,16 +125,19 @@ def test_an_expected_failure_ends_the_run_failed_with_its_own_lines_and_no_trace
 def test_an_unexpected_error_keeps_its_traceback():
     from flows.failures import _DropExpectedTracebacks
 
-    def record(error):
+    def record(error, message="Engine execution exited with unexpected exception"):
         try:
             raise error
         except Exception:
             import sys
 
-            return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "Engine execution exited", None, sys.exc_info())
+            return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, message, None, sys.exc_info())
 
-    assert _DropExpectedTracebacks().filter(record(ZeroDivisionError("bug")))
+    bug = record(ZeroDivisionError("bug"), "Task run failed with exception: %r")
+    assert _DropExpectedTracebacks().filter(bug) and bug.exc_info is not None
     assert not _DropExpectedTracebacks().filter(record(RecipeError(["training.lora.r: bad"])))
+    refused = record(RecipeError(["data.sources[0].path: x: file not found"]), "Task run failed with exception: %r")
+    assert _DropExpectedTracebacks().filter(refused) and refused.exc_info is None  # the line stays, its traceback goes
 
 
 def test_progress_says_step_loss_tokens_per_second_and_time_left():

@@ -175,14 +175,16 @@ def trainer_callbacks(stats: BatchStats) -> list:
     from transformers import TrainerCallback
 
     class LogLoss(TrainerCallback):
-        """Logs every logging_steps, at least every PROGRESS_EVERY_S seconds (so a slow run's progress still moves),
-        and the first and last steps, so a loss curve has its ends."""
+        """Logs every logging_steps, at least every PROGRESS_EVERY_S seconds in a one-process run (so a slow run's
+        progress still moves), and the first and last steps, so a loss curve has its ends."""
 
         logged_at = time.monotonic()
 
         def on_step_end(self, args, state, control, **kwargs):
+            # the time rule only in one process: logging gathers the loss from every process, which must all agree
+            one_process = args is None or args.world_size == 1
             if (state.global_step == 1 or state.global_step >= state.max_steps
-                    or time.monotonic() - self.logged_at >= PROGRESS_EVERY_S):
+                    or (one_process and time.monotonic() - self.logged_at >= PROGRESS_EVERY_S)):
                 control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
