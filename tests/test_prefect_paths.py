@@ -118,8 +118,9 @@ def test_an_expected_failure_ends_the_run_failed_with_its_own_lines_and_no_trace
     assert state.is_failed()
     assert state.message.startswith("invalid input: recipe: evaluation.gates[0].metric quantized.exact_match: measured on the quantized export")
     assert isinstance(state.result(raise_on_failure=False), RecipeError)
+    # (what reaches the run's log is checked over REST in test_deployments: caplog sees Prefect's records only when
+    # Prefect's logging setup lets them propagate, which depends on the tests run before)
     assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
-    assert any("evaluation.gates[0].metric quantized.exact_match" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
 
 
 def test_an_unexpected_error_keeps_its_traceback():
