@@ -49,9 +49,9 @@ def failure_message(error: BaseException) -> str:
 
 
 def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a flow's function (a task's Failed state would reach its caller as None, not as the error): an expected error becomes a Failed state carrying the error (so a caller's
-    `.result()` still raises it, and `ftpipe run` maps it to its exit code) with its lines logged without a
-    traceback; any other error propagates as before."""
+    """Wrap a flow's function: an expected error becomes a Failed state carrying the error (so a caller's `.result()`
+    still raises it, and `ftpipe run` maps it to its exit code), its lines logged without a traceback; any other error
+    propagates as before. Not for tasks: a task's returned Failed state reaches its caller as None, not as the error."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
