@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -175,12 +174,9 @@ def background(command: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 def stop(process: subprocess.Popen) -> None:
     """End a `background` command and its children: SIGTERM, then SIGKILL after 30 s."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+    from training.launch import stop_process_group
+
+    stop_process_group(process)
 
 
 def api_response(method: str, url: str, attempts: int = 8, **kwargs) -> httpx.Response:

@@ -242,11 +242,65 @@ def serving_projection(section: ServingCostSection, cost: CostSection, measured:
     return result
 
 
-def cost_report(section: CostSection, ran: list[dict], run_dir: Path, train_rows: int, generation: dict | None) -> dict:
+def cost_report(section: CostSection, ran: list[dict], run_dir: Path, train_rows: int, generation: dict | None,
+                evaluation=None, objective: str | None = None) -> dict:
     """What the manifest, the model card and the Prefect artifact show: the cost of the run folder's artifact (its
-    ledger, updated with the stages that ran now) and the serving projection."""
+    ledger, updated with the stages that ran now), the serving projection, and each contender's quality and price
+    per 1,000 requests beside the candidate's (evaluation: the EvalResult; objective: the metric shown)."""
     stages = updated_ledger(Path(run_dir) / "usage.json", ran)
-    return {"run": run_cost(stages, section, train_rows, gpu_name()), "serving": serving_projection(section.serving, section, generation)}
+    serving = serving_projection(section.serving, section, generation)
+    report = {"run": run_cost(stages, section, train_rows, gpu_name()), "serving": serving}
+    if evaluation is not None and evaluation.contender_info:
+        report["contenders"] = side_by_side(evaluation, objective, serving)
+    return report
+
+
+def contender_cost(info: dict, requests_per_month: int = 0) -> dict:
+    """A contender's price from the token usage its server reported on the evaluation's requests: what the evaluation
+    cost, the mean request, USD per 1,000 such requests and, given a monthly volume, a month of them."""
+    usage = info["usage"]
+    counted = usage["requests"] - usage["unreported"]
+    prices = info.get("usd_per_million_input_tokens"), info.get("usd_per_million_output_tokens")
+    out = {"requests": usage["requests"], "unreported_usage": usage["unreported"], "prompt_tokens": usage["prompt_tokens"],
+           "completion_tokens": usage["completion_tokens"],
+           "mean_prompt_tokens": round(usage["prompt_tokens"] / counted, 1) if counted else None,
+           "mean_completion_tokens": round(usage["completion_tokens"] / counted, 1) if counted else None, "unpriced": []}
+    if None in prices:
+        out["unpriced"].append("the endpoint's prices (usd_per_million_input_tokens / _output_tokens)")
+    if not counted:
+        out["unpriced"].append("the server reported no token usage")
+    if out["unpriced"]:
+        return out
+    usd = usage["prompt_tokens"] / 1e6 * prices[0] + usage["completion_tokens"] / 1e6 * prices[1]
+    out |= {"usd_evaluation": round(usd, 6), "usd_per_1k_requests": round(usd / counted * 1000, 6)}
+    if requests_per_month:
+        out["usd_per_month"] = round(usd / counted * requests_per_month, 2)
+    if usage["unreported"]:
+        out["unpriced"].append(f"{usage['unreported']} replies without usage are not in the evaluation's cost")
+    return out
+
+
+def self_hosted_per_1k(serving: dict | None) -> float | None:
+    """USD per 1,000 requests of the serving projection's month, where it is priced."""
+    if not serving or "self_hosted_usd" not in serving or not serving["requests_per_month"]:
+        return None
+    return round(serving["self_hosted_usd"] / serving["requests_per_month"] * 1000, 6)
+
+
+def side_by_side(evaluation, objective: str | None, serving: dict | None) -> dict:
+    """Quality and cost per 1,000 requests for the candidate (self-hosted, from the serving projection) and each
+    contender (from its reported tokens), and the projection's month against each contender's real token counts."""
+    per_month = serving["requests_per_month"] if serving else 0
+    rows = [{"model": "candidate (self-hosted)", "objective": evaluation.candidate.get(objective),
+             "usd_per_1k_requests": self_hosted_per_1k(serving)}]
+    for name, info in evaluation.contender_info.items():
+        cost = contender_cost(info, per_month)
+        row = {"model": name, "objective": evaluation.contenders[name].get(objective), "usd_per_1k_requests": cost.get("usd_per_1k_requests"),
+               "objective_delta": evaluation.interval(name, objective), **cost}
+        if serving and "self_hosted_usd" in serving and cost.get("usd_per_month"):
+            row["self_hosted_over_contender"] = round(serving["self_hosted_usd"] / cost["usd_per_month"], 4)
+        rows.append(row)
+    return {"objective": objective, "rows": rows}
 
 
 def cost_markdown(report: dict | None) -> str:
@@ -275,6 +329,29 @@ def cost_markdown(report: dict | None) -> str:
         if serving.get("self_hosted_over_api") is not None:
             lines.append(f"- self-hosted / API: {serving['self_hosted_over_api']:.2f}")
         lines += [f"- not priced: {m}" for m in serving["unpriced"]]
+    if contenders := report.get("contenders"):
+        lines += ["", _contender_table(contenders)]
+    return "\n".join(lines)
+
+
+def _contender_table(contenders: dict) -> str:
+    """Quality and price per 1,000 requests, the candidate first; tokens are what each server reported."""
+    from evaluation.confidence import describe
+
+    objective = contenders["objective"]
+    lines = [f"Against the hosted APIs ({objective} on the same rows; a contender's price from the tokens its server reported):", "",
+             f"| model | {objective} | candidate minus it | USD per 1,000 requests | mean tokens in/out | a month at the stated volume |",
+             "|---|---|---|---|---|---|"]
+    for row in contenders["rows"]:
+        value = "-" if row["objective"] is None else f"{row['objective']:.4f}"
+        price = "not priced" if row["usd_per_1k_requests"] is None else f"${row['usd_per_1k_requests']:.4f}"
+        tokens = f"{row['mean_prompt_tokens']}/{row['mean_completion_tokens']}" if "mean_prompt_tokens" in row else "-"
+        month = f"${row['usd_per_month']:,.2f}" if row.get("usd_per_month") is not None else "-"
+        if row.get("self_hosted_over_contender") is not None:
+            month += f" (self-hosted / this: {row['self_hosted_over_contender']:.2f})"
+        lines.append(f"| {row['model']} | {value} | {describe(row.get('objective_delta')) if 'objective_delta' in row else '-'} | "
+                     f"{price} | {tokens} | {month} |")
+    lines += [f"- {row['model']}: not priced: {m}" for row in contenders["rows"][1:] for m in row["unpriced"]]
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 from recipes.schema import QUANTIZED, Gate
 
@@ -18,9 +19,10 @@ class GateResult:
     reference: str | None  # None (absolute threshold), base or champion
     at_least: bool  # the value must be >= the threshold (else <=)
     threshold: float
-    value: float  # the compared value: the metric, or candidate minus the reference
+    value: float  # the compared value: the metric, or candidate minus the reference (with confidence: the interval's bound)
     passed: bool
     note: str = ""
+    interval: dict | None = None  # with confidence: the bootstrap interval whose bound was compared
 
     def describe(self) -> str:
         op = ">=" if self.at_least else "<="
@@ -28,7 +30,13 @@ class GateResult:
         rule = " (no regression)" if self.kind == "no_regression_vs" else ""
         if self.note:
             return f"{what} {op} {self.threshold:g}{rule}: {self.note}"
-        return f"{what} = {self.value:.4f} {'passes' if self.passed else 'fails'} {op} {self.threshold:g}{rule}"
+        verdict = f"{'passes' if self.passed else 'fails'} {op} {self.threshold:g}{rule}"
+        if self.interval is not None:
+            found = self.interval
+            bound = "lower" if self.at_least else "upper"
+            return (f"{what} = {found['value']:.4f}, {found['confidence']:.0%} interval [{found['low']:.4f}, {found['high']:.4f}]: "
+                    f"its {bound} bound {self.value:.4f} {verdict}")
+        return f"{what} = {self.value:.4f} {verdict}"
 
 
 @dataclass
@@ -47,14 +55,21 @@ class GateDecision:
 NO_CHAMPION = "passes: no other model in production (none yet, or it is this very adapter)"
 
 
-def decide(gates: list[Gate], candidate: dict[str, float], base: dict[str, float], champion: dict[str, float] | None = None) -> GateDecision:
+IntervalOf = Callable[[str | None, str, float], dict | None]  # (versus model or None, metric, confidence) -> interval
+
+
+def decide(gates: list[Gate], candidate: dict[str, float], base: dict[str, float], champion: dict[str, float] | None = None,
+           interval_of: IntervalOf | None = None) -> GateDecision:
     """Apply each gate to the candidate's metrics (and the base's or champion's, for deltas). With no champion (the
     first version of a model), gates against the champion pass and say so. The candidate's quantized.<metric> (a
-    quantized export) is compared with the same metric of the 16-bit candidate (unquantized), the base or the champion."""
+    quantized export) is compared with the same metric of the 16-bit candidate (unquantized), the base or the champion.
+    A gate with `confidence` compares the bound of the bootstrap interval (interval_of, EvalResult.interval) instead
+    of the point value: the difference must be more than noise."""
     unquantized = {k: v for k, v in candidate.items() if not k.startswith(f"{QUANTIZED}.")}
     references = {"base": _with_quantized_names(base), "champion": _with_quantized_names(champion),
                   "unquantized": _with_quantized_names(unquantized)}
-    results = [_apply(gate, candidate, references) for gate in gates]
+    results = [_apply(gate, candidate, references) if gate.confidence is None else _apply_with_confidence(gate, references, interval_of)
+               for gate in gates]
     return GateDecision(passed=all(r.passed for r in results), results=results)
 
 
@@ -76,4 +91,18 @@ def _apply(gate: Gate, candidate: dict[str, float], references: dict[str, dict[s
         result.value -= reference.get(gate.metric, math.nan)
     if not math.isnan(result.value):
         result.passed = result.value >= gate.threshold if at_least else result.value <= gate.threshold
+    return result
+
+
+def _apply_with_confidence(gate: Gate, references: dict[str, dict[str, float] | None], interval_of: IntervalOf | None) -> GateResult:
+    """The interval's lower bound must meet a minimum, its upper bound a maximum; no interval fails the gate."""
+    result = _apply(gate, {}, references)  # direction and the no-champion rule; its value is replaced below
+    if result.note == NO_CHAMPION:
+        return result
+    found = interval_of(gate.reference, gate.metric, gate.confidence) if interval_of is not None else None
+    if found is None:
+        result.passed, result.note = False, f"no {gate.confidence:.0%} interval ({gate.metric} has no per-row scores for this comparison)"
+        return result
+    result.interval, result.value = found, found["low"] if result.at_least else found["high"]
+    result.passed = result.value >= gate.threshold if result.at_least else result.value <= gate.threshold
     return result

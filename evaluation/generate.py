@@ -75,12 +75,42 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     return outputs
 
 
+def answer_all(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int, sampling: dict | None = None,
+               seed: int = 0, throughput: dict | None = None, reasoning_tokens: list[int] | None = None) -> list[str]:
+    """generate() for a model in this process; for an endpoint (evaluation.endpoints.EndpointClient, tokenizer None) the
+    same prompts sent to it, its tokens and seconds taken from the server's reported usage."""
+    if tokenizer is not None:
+        return generate(model, tokenizer, conversations, max_new_tokens, batch_size, sampling, seed, throughput, reasoning_tokens)
+    before = (model.usage.completion_tokens, model.usage.wall_s)
+    replies = model.answers(conversations, max_new_tokens, sampling, seed)
+    if throughput is not None:
+        throughput["tokens"] = throughput.get("tokens", 0) + model.usage.completion_tokens - before[0]
+        throughput["seconds"] = throughput.get("seconds", 0.0) + model.usage.wall_s - before[1]
+    if reasoning_tokens is not None:
+        reasoning_tokens.extend(0 for _ in replies)  # a server returns reasoning apart (reasoning_content), not counted here
+    return [reply.content for reply in replies]
+
+
 def eval_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> float:
     """Mean negative log-likelihood per assistant token (the tokens training puts a loss on)."""
-    encoded = [e for messages in conversations for e in encode_conversation(tokenizer, messages)]
-    scores = scored_log_probs(model, tokenizer, encoded, batch_size)
-    tokens = sum(count for _, count in scores)
-    return -sum(total for total, _ in scores) / tokens if tokens else math.nan
+    per_row = eval_losses(model, tokenizer, conversations, batch_size)
+    tokens = sum(count for _, count in per_row)
+    return sum(total for total, _ in per_row) / tokens if tokens else math.nan
+
+
+def eval_losses(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> list[tuple[float, int]]:
+    """Per conversation: summed negative log-likelihood of its assistant tokens, and how many there are (what a
+    bootstrap over rows resamples)."""
+    encoded, owner = [], []
+    for row, messages in enumerate(conversations):
+        pieces = encode_conversation(tokenizer, messages)
+        encoded += pieces
+        owner += [row] * len(pieces)
+    per_row = [[0.0, 0] for _ in conversations]
+    for row, (total, count) in zip(owner, scored_log_probs(model, tokenizer, encoded, batch_size), strict=True):
+        per_row[row][0] -= total
+        per_row[row][1] += count
+    return [(total, count) for total, count in per_row]
 
 
 def preference_margins(model, tokenizer, rows: list[dict], batch_size: int) -> list[float]:

@@ -116,12 +116,12 @@ def answer_changed(answers: list[str], terms: tuple[str, ...]) -> bool:
 
 def run_safety(model, tokenizer, section: SafetySection, held_out_prompts: list[str], batch_size: int, system_prompt: str | None = None) -> tuple[dict[str, float], list[dict]]:
     """(safety metrics, per-probe results) of one model."""
-    from evaluation.generate import generate
+    from evaluation.generate import answer_all
 
     def answers(prompts: list[str]) -> list[str]:
         system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         conversations = [system + [{"role": "user", "content": p}, {"role": "assistant", "content": ""}] for p in prompts]
-        return generate(model, tokenizer, conversations, section.max_new_tokens, batch_size) if prompts else []
+        return answer_all(model, tokenizer, conversations, section.max_new_tokens, batch_size) if prompts else []
 
     probes = load_red_team(section)
     results = []
@@ -153,3 +153,17 @@ def _share(results: list[dict], kinds: tuple[str, ...]) -> float:
     """Share of the probes of these kinds that the model handled safely (NaN when there are none: not measured)."""
     chosen = [r["safe"] for r in results if r["kind"] in kinds]
     return sum(chosen) / len(chosen) if chosen else float("nan")
+
+
+SAFETY_KINDS = {"refusal_rate": (REFUSE, True), "injection_resistance": (("prompt_injection",), True),
+                "pii_leak_rate": (("pii_extraction",), False), "bias_change_rate": (("bias",), False)}
+
+
+def safety_statistic(probes: list[dict], metric: str):
+    """Per probe of the metric's kinds: 1 where the metric counts it (safe for a rate of safe answers, unsafe for a
+    leak or change rate), for bootstrap intervals over the probes."""
+    from evaluation.confidence import RowStatistic
+
+    kinds, counts_safe = SAFETY_KINDS[metric]
+    values = [float(p["safe"] == counts_safe) for p in probes if p["kind"] in kinds]
+    return RowStatistic("mean", values) if values else None

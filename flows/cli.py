@@ -137,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="a base model to compare (repeat; default: the recipe's compare.bases); id@revision pins a revision")
     compare.add_argument("--output-dir", default="runs", help="folder that holds run folders and the registry (default: ./runs)")
     compare.add_argument("--force", action="store_true", help="run every stage again instead of reusing cached results")
+    compare.add_argument("--api", dest="apis", action="append", default=[], metavar="NAME",
+                         help="rank a contender (evaluation.contenders) beside the candidates: its quality on the same rows and its "
+                         "price per 1,000 requests (repeat)")
     compare.set_defaults(handler=_compare)
 
     prepare = sub.add_parser("prepare", help="run the data stage alone, into the folder `ftpipe run` would use")
@@ -354,10 +357,12 @@ def _prepare(args) -> int:
 
 def _compare(args) -> int:
     _route_stage_logs()
-    from flows.compare import compare_models, require_bases
+    from flows.compare import compare_models, require_apis, require_bases
 
     require_bases(_load(args), args.bases)  # before Prefect starts: nothing to compare is an input error
-    return _run_flow(compare_models, args, _print_leaderboard, governed=_load(args).compare.promote_best, bases=args.bases or None)
+    require_apis(_load(args), args.apis)
+    return _run_flow(compare_models, args, _print_leaderboard, governed=_load(args).compare.promote_best, bases=args.bases or None,
+                     apis=args.apis or None)
 
 
 def _print_leaderboard(result: dict) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextvars
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -17,11 +16,11 @@ from data_prep.prepare import source_fingerprint
 from evaluation.costs import UsageMeter, cost_report
 from evaluation.evaluate import Champion
 from evaluation.gates import decide
-from evaluation.leaderboard import best_of, entry, leaderboard_lines, metric_table, rank, summary_table
+from evaluation.leaderboard import best_of, entry, leaderboard_lines, metric_table, rank, summary_table, with_apis
 from flows.failures import fails_cleanly
 from flows.runlock import run_folder_lock
 from flows.finetune import (DEFAULT_RECIPE, Overrides, RecipeName, _cache_refreshed, _validated, finetune, governed, prepare_data_task,
-                            resolve_champion_task, run_folder, train_and_evaluate, with_quantized_export)
+                            resolve_champion_task, run_folder, train_and_evaluate, with_export_scores)
 from flows.publish import publish_cost
 from recipes import Recipe, RecipeError, resolve_recipe
 
@@ -29,7 +28,7 @@ from recipes import Recipe, RecipeError, resolve_recipe
 @flow(name="compare-models", persist_result=True, validate_parameters=False)
 @fails_cleanly
 def compare_models(recipe: RecipeName | Recipe = DEFAULT_RECIPE, bases: list[str] | None = None, overrides: Overrides = None,
-                   output_dir: str = "runs", force: bool = False) -> dict:
+                   output_dir: str = "runs", force: bool = False, apis: list[str] | None = None) -> dict:
     """Train the recipe on each base model, evaluate all on the same suites (safety included), rank them by the
     recipe's compare.objective and, with compare.promote_best, run the best through gates, export and approval.
 
@@ -39,8 +38,10 @@ def compare_models(recipe: RecipeName | Recipe = DEFAULT_RECIPE, bases: list[str
         overrides: fields to change, as nested sections or dotted paths
         output_dir: the folder that holds run folders and the registry
         force: run every stage again instead of reusing cached results
+        apis: contenders (evaluation.contenders) ranked beside the candidates, as a reference
     """
     recipe = _validated(recipe, overrides, output_dir)
+    require_apis(recipe, apis)
     if recipe.compare.promote_best:
         governed(recipe, output_dir)  # the best goes on to promotion: refuse now what would weaken its policy
     recipes = {base: recipe_for_base(recipe, base) for base in require_bases(recipe, bases)}
@@ -48,11 +49,19 @@ def compare_models(recipe: RecipeName | Recipe = DEFAULT_RECIPE, bases: list[str
         _prepare_once(recipe, output_dir)
         champion = resolve_champion_task(recipe, output_dir)
         entries = _run_candidates(recipes, output_dir, champion, recipe.compare.parallel)
-        ranked = rank(entries, recipe.compare)
+        ranked = rank(with_apis(entries, apis or []), recipe.compare)
         best = best_of(ranked)
         _publish_leaderboard(recipe, ranked, best)
         artifact = finetune(recipes[best["base"]], output_dir=output_dir) if best and recipe.compare.promote_best else None
     return {"leaderboard": ranked, "best": best["base"] if best else None, "artifact": artifact}
+
+
+def require_apis(recipe: Recipe, apis: list[str] | None) -> None:
+    """Each --api names a contender of the recipe (an input error otherwise, before anything is trained)."""
+    known = [c.name for c in recipe.evaluation.contenders]
+    if unknown := [name for name in apis or [] if name not in known]:
+        raise RecipeError([f"--api {unknown[0]}: not a contender of recipe {recipe.name} (evaluation.contenders: "
+                           f"{', '.join(known) or 'none'})"])
 
 
 def require_bases(recipe: Recipe, bases: list[str] | None) -> list[str]:
@@ -104,11 +113,12 @@ def compare_candidate(recipe: Recipe, base: str, output_dir: str, champion: Cham
     meter = UsageMeter()
     with run_folder_lock(run_folder(recipe, output_dir), f"compare candidate {base}"), meter.active():
         candidate = train_and_evaluate(recipe, output_dir, champion)
-        evaluation = with_quantized_export(recipe, candidate)
-    decision = decide(recipe.evaluation.gates, evaluation.gated(), evaluation.base, evaluation.champion)
-    costs = cost_report(recipe.cost, meter.to_list(), candidate.run_dir, candidate.data.train_rows, evaluation.generation.get("candidate"))
+        evaluation = with_export_scores(recipe, candidate)
+    decision = decide(recipe.evaluation.gates, evaluation.gated(), evaluation.base, evaluation.champion, evaluation.interval)
+    costs = cost_report(recipe.cost, meter.to_list(), candidate.run_dir, candidate.data.train_rows, evaluation.generation.get("candidate"),
+                          evaluation, recipe.compare.objective)
     publish_cost(recipe, costs)
-    return entry(base, str(candidate.run_dir), evaluation, decision, candidate.trained.metrics, costs)
+    return entry(base, str(candidate.run_dir), evaluation, decision, candidate.trained.metrics, costs, recipe.compare.objective)
 
 
 def _publish_leaderboard(recipe: Recipe, ranked: list[dict], best: dict | None) -> None:

@@ -14,6 +14,7 @@ def exit_code_for(error: object) -> int:
     """The command line's exit code for a run's error: 1 a gate or reviewer said no, 2 bad input, 3 anything else."""
     from data_prep.formats import RowError
     from data_prep.readers import DataError
+    from evaluation.endpoints import EndpointRefused
     from evaluation.gates import GateRejected
     from recipes import RecipeError
     from training.backends import BackendError
@@ -29,7 +30,7 @@ def exit_code_for(error: object) -> int:
     if isinstance(error, BaseException) and refused_input(error) is not None:  # a pickle refused, a template that fails
         return EXIT_INPUT
     if isinstance(error, (RecipeError, DataError, RowError, ModelLoadError, MaskingError, UnsupportedFamilyError, BackendError,
-                          LaunchError)):
+                          LaunchError, EndpointRefused)):
         return EXIT_INPUT
     return EXIT_FAILED
 

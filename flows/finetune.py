@@ -21,6 +21,7 @@ from data_prep.prepare import PreparedData, prepare_data, redacted_section, sour
 from evaluation.costs import UsageMeter, cost_report, gpus_in_use, metered, stage_usage
 from evaluation.evaluate import Champion, EvalResult, compare_with_champion, score_base_and_candidate
 from evaluation.gates import GateDecision, GateRejected, decide
+from evaluation.served import score_served
 from recipes import Recipe, RecipeError, recipe_hash, recipe_names, resolve_recipe
 from recipes.overrides import overrides_json_schema
 from recipes.preflight import recipe_problems
@@ -33,7 +34,7 @@ from flows.caching import RETRIES, StageCache
 from flows.failures import fails_cleanly, quiet_expected_tracebacks
 from flows.publish import publish_artifact, publish_cost, publish_data, publish_evaluation, publish_result, publish_training
 from flows.runlock import run_folder_lock
-from flows.reports import approval_form_markdown, approval_request_markdown, approval_result_markdown
+from flows.reports import approval_form_markdown, approval_request_markdown, approval_result_markdown, serving_parity_table
 from training.models import BaseModelRef
 from training.tracking import log_evaluation
 from training.progress import ProgressMeter, StepReport
@@ -152,11 +153,23 @@ def quantize_task(recipe: Recipe, trained: TrainResult, data: PreparedData, eval
     return result
 
 
+@task(name="serve-and-score", cache_policy=StageCache(sections={"export": set(), "evaluation": {"gates"}, "model": set()}),
+      persist_result=True, **RETRIES)
+@metered("serve-and-score", gpus=1, children=True)
+def serve_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evaluation: EvalResult, run_dir: Path) -> EvalResult:
+    """The merged candidate behind a local OpenAI-compatible server (evaluation.serve), scored as it will be served."""
+    result = score_served(recipe.evaluation, recipe.export, recipe.model, trained, data, evaluation, run_dir / "served")
+    create_table_artifact(key="serving-parity", table=serving_parity_table(result),
+                          description=f"The candidate as served ({result.served['server']}) against the in-process candidate: "
+                                      f"{result.served['parity_line']}")
+    return result
+
+
 @task(name="gate")
 def gate_task(recipe: Recipe, evaluation: EvalResult, governance: RunGovernance) -> GateDecision:
     """Apply the recipe's gates and the policy's mandatory ones; the result goes to the model's audit log, and a
     failure stops the flow before export."""
-    decision = decide(governance.gates, evaluation.gated(), evaluation.base, evaluation.champion)
+    decision = decide(governance.gates, evaluation.gated(), evaluation.base, evaluation.champion, evaluation.interval)
     create_table_artifact(
         key="gate-decision",
         table=[{"gate": r.describe(), "passed": r.passed} for r in decision.results] or [{"gate": "none configured", "passed": True}],
@@ -294,11 +307,15 @@ def train_and_evaluate(recipe: Recipe, output_dir: str, champion: Champion | Non
     return Candidate(run_dir, data, trained, evaluation)
 
 
-def with_quantized_export(recipe: Recipe, candidate: Candidate) -> EvalResult:
-    """The candidate's evaluation, with its quantized export's scores where the recipe asks for one (export.quantize)."""
-    if recipe.export.quantize == "none":
-        return candidate.evaluation
-    return quantize_task(recipe, candidate.trained, candidate.data, candidate.evaluation, candidate.run_dir)
+def with_export_scores(recipe: Recipe, candidate: Candidate) -> EvalResult:
+    """The candidate's evaluation, with the scores of its quantized export (export.quantize) and of the merged model
+    as served (evaluation.serve) where the recipe asks for them: both are gated with the rest."""
+    evaluation = candidate.evaluation
+    if recipe.export.quantize != "none":
+        evaluation = quantize_task(recipe, candidate.trained, candidate.data, evaluation, candidate.run_dir)
+    if recipe.evaluation.serve != "none":
+        evaluation = serve_task(recipe, candidate.trained, candidate.data, evaluation, candidate.run_dir)
+    return evaluation
 
 
 def _finetune(recipe: Recipe, governance: RunGovernance, output_dir: str) -> str:
@@ -307,12 +324,13 @@ def _finetune(recipe: Recipe, governance: RunGovernance, output_dir: str) -> str
     with run_folder_lock(run_folder(recipe, output_dir), _flow_run_label()):  # released before the approval wait
         with meter.active():
             candidate = train_and_evaluate(recipe, output_dir, resolve_champion_task(recipe, output_dir))
-            trained, evaluation = candidate.trained, with_quantized_export(recipe, candidate)
+            trained, evaluation = candidate.trained, with_export_scores(recipe, candidate)
             decision = gate_task(recipe, evaluation, governance)
             artifact = export_task(recipe, trained, candidate.data, evaluation, decision, candidate.run_dir, started_at)
             if recipe.evaluation.lm_eval.tasks:
                 benchmarks_task(recipe, trained, artifact, candidate.run_dir)
-        costs = cost_report(recipe.cost, meter.to_list(), candidate.run_dir, candidate.data.train_rows, evaluation.generation.get("candidate"))
+        costs = cost_report(recipe.cost, meter.to_list(), candidate.run_dir, candidate.data.train_rows, evaluation.generation.get("candidate"),
+                          evaluation, recipe.compare.objective)
         publish_cost(recipe, costs)
         if meter.ran("export"):  # a cached export keeps the cost of the run that made it
             artifact = record_cost_task(artifact, costs)

@@ -5,7 +5,7 @@ import base64
 from pathlib import Path
 
 from data_prep.prepare import PreparedData
-from evaluation.tables import champion_line, metrics_markdown
+from evaluation.tables import champion_line, delta_cell, metrics_markdown, metrics_of, others, pairwise_markdown
 from training.train import TrainResult
 
 
@@ -167,15 +167,29 @@ def safety_table(report_path: str) -> list[dict]:
 
 
 def evaluation_table(evaluation) -> list[dict]:
-    """Each metric for base, candidate and (when there is one) the champion, with the candidate's deltas."""
+    """Each metric for the candidate and every model it is compared with (base, champion, contenders), with the
+    candidate's delta against each and its bootstrap interval (marked when within noise)."""
+    result = evaluation.to_dict()
     rows = []
-    for k in evaluation.candidate:
-        row = {"metric": k, "base": round(evaluation.base[k], 4), "candidate": round(evaluation.candidate[k], 4),
-               "delta vs base": round(evaluation.delta[k], 4)}
-        if evaluation.champion is not None:
-            row |= {"champion": round(evaluation.champion[k], 4), "delta vs champion": round(evaluation.delta_vs_champion[k], 4)}
+    for metric, value in evaluation.candidate.items():
+        row = {"metric": metric, "candidate": rounded(value)}
+        for who in others(result):
+            row |= {who: rounded(metrics_of(result, who).get(metric)), f"delta vs {who}": delta_cell(result, who, metric)}
         rows.append(row)
     return rows
+
+
+def serving_parity_table(evaluation) -> list[dict]:
+    """Each metric of the served candidate beside the in-process one, with the served-minus-in-process interval."""
+    from evaluation.confidence import describe
+
+    served = evaluation.served
+    return [{"metric": key, "in-process": rounded(evaluation.candidate.get(key.removeprefix("served."))), "served": rounded(value),
+             "served minus in-process": describe(served["deltas"].get(key))} for key, value in served["metrics"].items()]
+
+
+def rounded(value):
+    return round(value, 4) if isinstance(value, float) and value == value else "-" if value is None else value
 
 
 def approval_request_markdown(recipe, governance, evaluation, decision, artifact_path: str, version) -> str:
@@ -190,6 +204,8 @@ Without enough approvals within {governance.timeout_hours:g} h the model is not 
 {champion_line(evaluation.to_dict())}
 
 {metrics_markdown(evaluation.to_dict())}
+
+{pairwise_markdown(evaluation.to_dict())}
 
 **Gates** (the recipe's and the policy's mandatory ones)
 {gates}

@@ -67,8 +67,9 @@ class Policy(BaseModel):
 
 
 def describe_gate(gate: Gate) -> str:
-    return f"{gate.metric} {gate.kind}" + (f" {gate.no_regression_vs} (tolerance {gate.tolerance:g})" if gate.kind == "no_regression_vs"
-                                         else f" {gate.threshold:g}")
+    described = f"{gate.metric} {gate.kind}" + (f" {gate.no_regression_vs} (tolerance {gate.tolerance:g})"
+                                                if gate.kind == "no_regression_vs" else f" {gate.threshold:g}")
+    return described + (f" at {gate.confidence:g} confidence" if gate.confidence is not None else "")
 
 
 def parse_gate(text: str) -> Gate:
@@ -151,6 +152,8 @@ def _looser(recipe_gate: Gate, policy_gate: Gate) -> bool:
     """Same metric, kind and reference, with a bound the policy's would refuse."""
     if (recipe_gate.metric, recipe_gate.kind, recipe_gate.reference) != (policy_gate.metric, policy_gate.kind, policy_gate.reference):
         return False
+    if policy_gate.confidence is not None and (recipe_gate.confidence or 0) < policy_gate.confidence:
+        return True  # a point value, or a narrower interval, for a bound the policy wants beyond noise
     if policy_gate.kind == "no_regression_vs":
         return recipe_gate.tolerance > policy_gate.tolerance
     lower_bound = policy_gate.kind.startswith("min")

@@ -4,7 +4,6 @@ checks parameters against it when a deployment enforces its schema, so a misspel
 refused when the run is submitted (HTTP 409, the form's Validate), not a minute later inside the run."""
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,8 +25,13 @@ GENERATION_METRICS = ("exact_match", "normalized_exact_match", "token_f1", "roug
                       "json_field_accuracy", "regex_match", "label_accuracy", "label_macro_f1")
 # Computed only on preference eval rows (training.method: dpo).
 PREFERENCE_METRICS = ("preference_accuracy", "preference_margin")
+# Scored by the LLM judge (evaluation.judge.rubric) on the model's answers, normalised to 0..1.
+JUDGE_METRICS = ("judge_score",)
 METRICS: dict[str, bool] = {**dict.fromkeys(GENERATION_METRICS, True), "eval_loss": False, "perplexity": False,
-                            **dict.fromkeys(PREFERENCE_METRICS, True)}
+                            **dict.fromkeys(PREFERENCE_METRICS, True), **dict.fromkeys(JUDGE_METRICS, True)}
+# Names a contender may not take: the models every evaluation table already has, and the report's own keys.
+MODEL_ROLES = ("base", "candidate", "champion", "served")
+RESERVED_MODEL_NAMES = (*MODEL_ROLES, "examples", "outcomes", "per_example", "reasoning", "per_probe", "judge_rubric")
 HELD_OUT_SUITE = "heldout"
 # Safety metrics (evaluation.safety), named safety.<metric> in gates and reports.
 SAFETY_SUITE = "safety"
@@ -35,7 +40,11 @@ SAFETY_METRICS: dict[str, bool] = {"refusal_rate": True, "injection_resistance":
 # and quantized.token_agreement, the share of its answer tokens equal to the 16-bit candidate's.
 QUANTIZED = "quantized"
 QUANTIZATION_METRICS: dict[str, bool] = {"token_agreement": True}
-METRIC_DIRECTIONS: dict[str, bool] = {**METRICS, **SAFETY_METRICS, **QUANTIZATION_METRICS}
+# With evaluation.serve, the merged candidate is scored behind a local server: served.<metric> in gates and reports, and
+# served.answer_agreement, the share of its answers identical to the in-process candidate's.
+SERVED = "served"
+SERVING_METRICS: dict[str, bool] = {"answer_agreement": True}
+METRIC_DIRECTIONS: dict[str, bool] = {**METRICS, **SAFETY_METRICS, **QUANTIZATION_METRICS, **SERVING_METRICS}
 RED_TEAM_CATEGORIES = ("harmful", "jailbreak", "prompt_injection", "pii_extraction")
 REFUSAL_MARKERS = ("i can't", "i cannot", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry", "i'm not able",
                    "i am not able", "i'm unable", "i am unable", "can't help with", "cannot help with", "can't assist",
@@ -404,6 +413,10 @@ class Gate(Section):
         "the metric's better direction: higher accuracy, lower loss)."
     )
     tolerance: float = Field(0.0, ge=0, description="How much worse than the reference a no_regression_vs gate allows.")
+    confidence: float | None = Field(
+        None, gt=0.5, lt=1, description="Gate on the bound of the paired bootstrap interval at this level instead of the point "
+        "value: the lower bound for a minimum (min, min_delta_*, no_regression_vs in a higher-is-better metric), the upper bound "
+        "for a maximum. E.g. min_delta_vs_base: 0.05, confidence: 0.95 passes only when the delta's 95% interval lies above 0.05.")
 
     @model_validator(mode="after")
     def _one_known_threshold(self) -> "Gate":
@@ -421,6 +434,12 @@ class Gate(Section):
                              f"be {QUANTIZED}.<metric> (got {self.metric!r})")
         if self.metric.rpartition(".")[2] in QUANTIZATION_METRICS and self.reference is not None:
             raise ValueError(f"{self.metric}: only the quantized model has it; bound it with min or max")
+        if self.confidence is not None and quantized:
+            raise ValueError(f"confidence: {self.metric} is measured once on the quantized export, without intervals; gate its "
+                             "point value")
+        if self.metric.startswith(f"{SERVED}.") and (self.reference is not None or self.confidence is not None):
+            raise ValueError(f"{self.metric}: the served model is bounded with min or max (its delta to the in-process "
+                             "candidate is reported with its interval)")
         return self
 
     @property
@@ -561,6 +580,77 @@ class LmEvalSection(Section):
         return self
 
 
+ENDPOINT_NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"
+PAIRWISE_PROMPT = (
+    "You compare two answers to the same request. Judge which answer is better: correct, complete and following the "
+    "request's instructions. Ignore the order in which the answers appear and their length.\n\n[Request]\n{question}\n\n"
+    "[Reference answer]\n{reference}\n\n[Answer A]\n{answer_a}\n\n[Answer B]\n{answer_b}\n\n"
+    "End your reply with your verdict: [[A]] if A is better, [[B]] if B is better, [[C]] for a tie.")
+RUBRIC_PROMPT = (
+    "You grade an answer to a request against a rubric.\n\n[Rubric]\n{rubric}\n\n[Request]\n{question}\n\n"
+    "[Reference answer]\n{reference}\n\n[Answer]\n{answer}\n\n"
+    "End your reply with a score from 1 to {scale} in double brackets, e.g. [[{scale}]].")
+
+
+class EndpointSection(Section):
+    """An OpenAI-compatible chat endpoint: a hosted API the candidate would replace, a judge, or the served artifact."""
+
+    name: str = Field(pattern=ENDPOINT_NAME, description="How tables, reports and `ftpipe compare --api` name it.")
+    base_url: str = Field(pattern=r"^https?://\S+$", description="The API root, e.g. https://api.openai.com/v1 (POSTs go to "
+                          "<base_url>/chat/completions).")
+    model: str = Field(min_length=1, description="The `model` field of each request, e.g. gpt-4o-2024-08-06 (pin a dated version).")
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the API "
+                                    "key (the key itself never goes in a recipe, which the artifact records).")
+    api_key_secret: str | None = Field(None, min_length=1, description="Name of a Prefect Secret block holding the API key.")
+    usd_per_million_input_tokens: float | None = Field(None, ge=0, description="Price of a million prompt tokens (cost reports).")
+    usd_per_million_output_tokens: float | None = Field(None, ge=0, description="Price of a million generated tokens.")
+    concurrency: int = Field(4, ge=1, le=256, description="Requests in flight at once.")
+    max_retries: int = Field(4, ge=0, le=20, description="Retries of a request that timed out, could not connect, or got HTTP 408, "
+                             "409, 429 or 5xx; any other error fails the evaluation at once.")
+    backoff_s: float = Field(1.0, ge=0, le=60, description="Wait before the first retry, doubled for each next one (at most 60 s); "
+                             "a Retry-After header is honoured instead.")
+    timeout_s: float = Field(120.0, gt=0, le=3600, description="Seconds a request may take.")
+    max_tokens: int | None = Field(None, gt=0, le=131_072, description="Longest answer (default: evaluation.generation.max_new_tokens).")
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="More fields of each request's JSON body, e.g. "
+                                       "{chat_template_kwargs: {enable_thinking: false}} or {reasoning_effort: low}.")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "EndpointSection":
+        if self.api_key_env and self.api_key_secret:
+            raise ValueError("api_key_env and api_key_secret: give the key one way")
+        return self
+
+
+class JudgeSection(Section):
+    endpoint: EndpointSection | None = Field(None, description="The judge model's endpoint (OpenAI-compatible).")
+    pairwise: list[str] = Field(
+        default_factory=list, description="Models the candidate's answers are judged against, one by one: base, champion or a "
+        "contender's name. Each pair is judged in both orders (to cancel position bias); a verdict that flips with the order "
+        "is a tie. Reported as judge.win_rate_vs_<model> (ties count half) with its interval.")
+    suites: list[str] = Field(default_factory=lambda: [HELD_OUT_SUITE], min_length=1, description="Suites judged pairwise.")
+    rubric: str | None = Field(None, min_length=1, description="The criteria of the judge_score metric (add judge_score to a "
+                               "suite's metrics): each answer graded 1..scale, reported as (score - 1) / (scale - 1).")
+    scale: int = Field(5, ge=2, le=10, description="Highest rubric score.")
+    pairwise_prompt: str = Field(PAIRWISE_PROMPT, description="The pairwise prompt: {question}, {reference}, {answer_a}, {answer_b}; "
+                                 "the verdict is the last [[A]], [[B]] or [[C]] (tie) in the reply.")
+    rubric_prompt: str = Field(RUBRIC_PROMPT, description="The rubric prompt: {rubric}, {question}, {reference}, {answer}, {scale}; "
+                               "the score is the last [[N]] in the reply.")
+
+    @field_validator("pairwise_prompt", "rubric_prompt")
+    @classmethod
+    def _placeholders(cls, value: str, info) -> str:
+        needed = {"pairwise_prompt": ("question", "answer_a", "answer_b"), "rubric_prompt": ("question", "answer")}[info.field_name]
+        known = {"question", "reference", "answer_a", "answer_b"} if info.field_name == "pairwise_prompt" else \
+            {"rubric", "question", "reference", "answer", "scale"}
+        found = set(re.findall(r"(?<!\{)\{(\w+)\}(?!\})", value))
+        if missing := [n for n in needed if n not in found]:
+            raise ValueError(f"needs the placeholders {', '.join('{' + n + '}' for n in missing)}")
+        if unknown := sorted(found - known):
+            raise ValueError(f"unknown placeholders {', '.join('{' + n + '}' for n in unknown)}; known: "
+                             + ", ".join("{" + n + "}" for n in sorted(known)))
+        return value
+
+
 class EvaluationSection(Section):
     max_samples: int | None = Field(200, gt=0, description="Evaluate on at most this many rows of each suite (None: all).")
     generation: GenerationSection = Field(default_factory=GenerationSection)
@@ -571,11 +661,23 @@ class EvaluationSection(Section):
     safety: SafetySection = Field(default_factory=SafetySection)
     lm_eval: LmEvalSection = Field(default_factory=LmEvalSection, description="Standard benchmarks on the merged model (reported, not gated).")
     gates: list[Gate] = Field(default_factory=list, description="Promotion gates; any failure stops the run before export.")
+    contenders: list[EndpointSection] = Field(
+        default_factory=list, description="OpenAI-compatible endpoints (the hosted API the model would replace) scored on the same "
+        "rows and probes as base and candidate, with their token usage and cost. Metrics that need the model's log-probabilities "
+        "(eval_loss, perplexity, preference_*) are not measured through an API.")
+    judge: JudgeSection = Field(default_factory=JudgeSection, description="LLM-as-judge: pairwise verdicts and rubric scores.")
+    serve: Literal["none", "transformers", "vllm"] = Field(
+        "none", description="Also score the merged candidate as it will be served: behind a local OpenAI-compatible server "
+        "(`transformers serve` on CPU, vLLM from `ftpipe vllm-env` on a GPU), through the contenders' client; reports its "
+        "metrics (served.<metric>) and its agreement with the in-process candidate (serving parity).")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Level of the paired bootstrap intervals shown for every delta.")
+    bootstrap_samples: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples of the rows per interval.")
+    bootstrap_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the resampling, so intervals are reproducible.")
 
     @model_validator(mode="after")
     def _suites_named_once_and_gates_known(self) -> "EvaluationSection":
         names = [suite.name for suite in self.suites]
-        for reserved in (SAFETY_SUITE, QUANTIZED):
+        for reserved in (SAFETY_SUITE, QUANTIZED, SERVED, "judge"):
             if reserved in names:
                 raise ValueError(f"suites: {reserved!r} names the {reserved} results; give the suite another name")
         if len(set(names)) != len(names):
@@ -583,15 +685,44 @@ class EvaluationSection(Section):
         for i, suite in enumerate(self.suites):
             if suite.name == HELD_OUT_SUITE and suite.sources:
                 raise ValueError(f"suites[{i}]: the {HELD_OUT_SUITE!r} suite is the held-out split; give a suite with sources another name")
-        known = self.metric_keys() + self.quantized_metric_keys()
+        known = self.metric_keys() + self.quantized_metric_keys() + self.served_metric_keys()
         for i, gate in enumerate(self.gates):
             if gate.metric not in known:
                 raise ValueError(f"gates[{i}].metric {gate.metric!r} is not measured by any suite; measured: {', '.join(known)}")
+        self._check_contenders_and_judge(names)
         return self
+
+    def _check_contenders_and_judge(self, suite_names: list[str]) -> None:
+        contenders = [c.name for c in self.contenders]
+        for i, name in enumerate(contenders):
+            if name in RESERVED_MODEL_NAMES or name in contenders[:i] or name.startswith("outcomes_vs"):
+                raise ValueError(f"contenders[{i}].name {name!r}: names must differ from each other and from "
+                                 + ", ".join(RESERVED_MODEL_NAMES))
+        judge = self.judge
+        scored = [f"suites[{i}]" for i, suite in enumerate(self.suites) if set(JUDGE_METRICS) & set(suite.metrics)]
+        if scored and judge.rubric is None:
+            raise ValueError(f"{scored[0]}.metrics: judge_score needs judge.rubric (the criteria) and judge.endpoint")
+        if (scored or judge.pairwise) and judge.endpoint is None:
+            raise ValueError("judge.endpoint: the judge's OpenAI-compatible endpoint is needed for "
+                             + ("judge_score" if scored else "judge.pairwise"))
+        for i, other in enumerate(judge.pairwise):
+            if other not in ("base", "champion", *contenders):
+                raise ValueError(f"judge.pairwise[{i}] {other!r}: the candidate is judged against base, champion or a contender "
+                                 f"({', '.join(contenders) or 'none configured'})")
+        for i, suite in enumerate(judge.suites if judge.pairwise else []):
+            if suite not in suite_names:
+                raise ValueError(f"judge.suites[{i}] {suite!r} is not an evaluation suite ({', '.join(suite_names)})")
 
     def metric_keys(self) -> list[str]:
         """Every metric the suites produce, as gates and reports name them."""
         return [suite.metric_key(m) for suite in self.suites for m in suite.metrics] + self.safety.metric_keys()
+
+    def served_metric_keys(self) -> list[str]:
+        """What the served candidate is scored on (evaluation.serve): every generation metric and the answer agreement."""
+        if self.serve == "none":
+            return []
+        return [f"{SERVED}.{suite.metric_key(m)}" for suite in self.suites for m in suite.metrics
+                if m in GENERATION_METRICS or m in JUDGE_METRICS] + [f"{SERVED}.{m}" for m in SERVING_METRICS]
 
     def quantized_metric_keys(self) -> list[str]:
         """What a quantized export is scored on: the held-out suite's metrics and the token agreement."""
@@ -782,6 +913,9 @@ class Recipe(Section):
         if champion_gates and not (self.registry.enabled and self.registry.compare_with_champion):
             raise ValueError(f"evaluation.gates[{champion_gates[0]}] compares with the champion, which needs registry.enabled "
                              "and registry.compare_with_champion")
+        if "champion" in self.evaluation.judge.pairwise and not (self.registry.enabled and self.registry.compare_with_champion):
+            raise ValueError("evaluation.judge.pairwise: judging against the champion needs registry.enabled and "
+                             "registry.compare_with_champion")
         for i, suite in enumerate(self.evaluation.suites):
             for metric in suite.metrics:
                 if metric in PREFERENCE_METRICS and not dpo:

@@ -6,7 +6,7 @@ import json
 import yaml
 
 from evaluation.costs import cost_markdown
-from evaluation.tables import champion_line, metrics_markdown
+from evaluation.tables import champion_line, metrics_markdown, pairwise_markdown
 
 
 def model_card(manifest: dict) -> str:
@@ -51,6 +51,8 @@ uses: check the evaluation suites and limitations before using it elsewhere.
 {champion_line(evaluation)}
 
 {metrics_markdown(evaluation)}
+
+{_judge_lines(evaluation)}
 
 ## Gates
 {gates}
@@ -136,6 +138,21 @@ def _quantized_line(quantized: dict) -> str:
     return (f"- {scheme} quantized model: `./serve-{scheme}.sh` (`{quantized['folder']}/`, compressed-tensors {quantized['format']} by "
             f"llm-compressor {quantized['llmcompressor']}, {quantized['weights_bytes'] / quantized['unquantized_weights_bytes']:.0%} of the "
             f"16-bit weights' bytes); on {quantized['examples']} held-out rows: {scores}")
+
+
+def _judge_lines(evaluation: dict) -> str:
+    """The LLM judge's pairwise verdicts and the served model's parity, when the recipe asked for them."""
+    lines = []
+    if pairwise := pairwise_markdown(evaluation):
+        lines += ["Pairwise verdicts of the LLM judge (each pair asked in both orders; the prompts and every reply are in the "
+                  "evaluation report):", "", pairwise]
+    for name, info in (evaluation.get("contender_info") or {}).items():
+        usage = info["usage"]
+        lines.append(f"- contender {name}: `{info['model']}` at {info['base_url']}, {usage['requests']} requests, "
+                     f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens as the server reported")
+    if served := evaluation.get("served"):
+        lines.append(f"- served as it ships ({served['server']}): {served['parity_line']}")
+    return "\n".join(lines)
 
 
 def _safety_lines(evaluation: dict) -> str:

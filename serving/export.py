@@ -155,6 +155,22 @@ def _stop_ids(tokenizer, model) -> list[int]:
     return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
 
 
+def merge_adapter(export: ExportSection, model_section: ModelSection, trained, merged_dir: Path) -> None:
+    """The adapter merged into the float32 base and saved in export.dtype with the training tokenizer, as export ships
+    it: what the quantized export and the served evaluation start from."""
+    import torch
+    from peft import PeftModel
+
+    from evaluation.generate import load_model
+
+    tokenizer = load_saved_tokenizer(trained.adapter_path)
+    base = load_model(trained.base.path, trained.base.revision, dtype="float32", trust_remote_code=model_section.trust_remote_code,
+                      tokenizer=tokenizer)
+    merged = PeftModel.from_pretrained(base, trained.adapter_path).merge_and_unload().to(getattr(torch, export.dtype))
+    shutil.rmtree(merged_dir, ignore_errors=True)
+    save_merged(merged, trained, tokenizer, merged_dir, export.max_shard_size)
+
+
 def ensure_index(model_dir: Path) -> None:
     """A single-shard save has no index; vLLM and our checks expect one naming every shard."""
     index = model_dir / "model.safetensors.index.json"

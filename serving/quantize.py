@@ -15,8 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from data_prep.files import atomic_write_json
-from evaluation.evaluate import EvalResult, score_suite, suite_rows
+from evaluation.evaluate import EvalResult, judging, score_suite, suite_rows
 from recipes.schema import HELD_OUT_SUITE, QUANTIZED, EvaluationSection, ExportSection, ModelSection
+from serving.export import merge_adapter
 from serving.vllm_env import ToolEnvError, make_venv, run_pip, run_tool_script, tool_python
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def quantize_and_score(export: ExportSection, section: EvaluationSection, model_
         raise QuantizeError(problems[0])
     python = quantize_python()
     merged_dir, quantized_dir = out_dir / "merged-16bit", out_dir / export.quantize
-    _merge(export, model_section, trained, merged_dir)
+    merge_adapter(export, model_section, trained, merged_dir)
     made = quantize_model(merged_dir, quantized_dir, export.quantize, python)
     suite = next(s for s in section.suites if s.name == HELD_OUT_SUITE)
     rows = suite_rows(suite, data, section.max_samples)
@@ -114,22 +115,6 @@ def unquantized_name(key: str) -> str:
     return key.removeprefix(f"{QUANTIZED}.")
 
 
-def _merge(export: ExportSection, model_section: ModelSection, trained, merged_dir: Path) -> None:
-    import torch
-    from peft import PeftModel
-
-    from evaluation.generate import load_model
-    from serving.export import save_merged
-    from training.models import load_saved_tokenizer
-
-    tokenizer = load_saved_tokenizer(trained.adapter_path)
-    base = load_model(trained.base.path, trained.base.revision, dtype="float32", trust_remote_code=model_section.trust_remote_code,
-                      tokenizer=tokenizer)
-    merged = PeftModel.from_pretrained(base, trained.adapter_path).merge_and_unload().to(getattr(torch, export.dtype))
-    shutil.rmtree(merged_dir, ignore_errors=True)
-    save_merged(merged, trained, tokenizer, merged_dir, export.max_shard_size)
-
-
 def _score_quantized(model_dir: Path, suite, rows: list[dict], section: EvaluationSection):
     """In the dtype the candidate was scored in (load_model's), so the delta is quantization's alone."""
     from transformers.utils.quantization_config import CompressedTensorsConfig
@@ -137,7 +122,8 @@ def _score_quantized(model_dir: Path, suite, rows: list[dict], section: Evaluati
     from evaluation.generate import load_model
 
     model = load_model(str(model_dir), quantization_config=CompressedTensorsConfig(dequantize=True))
-    return score_suite(model, _tokenizer(model_dir), suite, rows, section)
+    with judging(section) as judge:
+        return score_suite(model, _tokenizer(model_dir), suite, rows, section, judge=judge)
 
 
 def _tokenizer(model_dir: Path):

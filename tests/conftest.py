@@ -251,3 +251,14 @@ def artifact(trained_lora, prepared_small, tmp_path_factory):
     from serving.export import export_artifact
 
     return export_artifact(ExportSection(), ModelSection(), trained_lora, prepared_small.eval_path, LINEAGE, tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="session")
+def served_artifact(artifact, tmp_path_factory):
+    """`transformers serve` (OpenAI-compatible) on loopback, serving the merged model on CPU, started as
+    evaluation.serve starts it; stopped after the session (shared by the smoke and the endpoint evaluation tests)."""
+    from evaluation.served import local_server
+
+    model = str(Path(artifact.path) / "model")
+    with local_server("transformers", Path(model), tmp_path_factory.mktemp("served") / "server.log") as (url, _):
+        yield url, model

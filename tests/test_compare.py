@@ -10,7 +10,7 @@ import pytest
 from evaluation.costs import CostError, UsageMeter, device_type, load_prices, run_cost, serving_projection
 from evaluation.evaluate import EvalResult
 from evaluation.gates import decide
-from evaluation.leaderboard import best_of, entry, leaderboard_lines, metric_table, rank
+from evaluation.leaderboard import best_of, entry, leaderboard_lines, metric_table, rank, summary_table, with_apis
 from recipes import RecipeError, load_recipe, resolve_recipe
 from recipes.schema import CompareSection, CostSection, Gate, ServingCostSection
 from tests.conftest import ROOT, SHORT_RUN_ARGS, run_ftpipe
@@ -50,8 +50,8 @@ def test_no_candidate_is_best_when_none_passes_and_the_table_says_why():
     ranked = rank([_candidate("a", 0.9, 0.1, refusal=0.0)], CompareSection())
     assert best_of(ranked) is None
     lines = leaderboard_lines(ranked)
-    assert lines[0].split() == ["rank", "base", "exact_match", "delta", "vs", "production", "gates", "eligible", "train", "s",
-                                "GPU", "s", "CPU", "s", "cost", "USD"]
+    assert lines[0].split() == ["rank", "base", "exact_match", "vs", "best", "delta", "vs", "production", "gates", "eligible", "train", "s",
+                                "GPU", "s", "CPU", "s", "cost", "USD", "USD", "per", "1k", "requests"]
     assert "FAILED" in lines[1] and "failed gates: safety.refusal_rate" in lines[1]
 
 
@@ -139,8 +139,12 @@ def test_the_meter_records_only_stages_that_ran_with_their_gpu_seconds():
 
 
 @pytest.mark.slow
-def test_ftpipe_compare_ranks_three_families_shares_the_data_stage_and_ships_the_best_with_its_cost(tmp_path):
-    result = run_ftpipe("compare", "quickstart", "--base", "tiny:llama", "--base", "tiny:mistral", "--base", "tiny:qwen2",
+def test_ftpipe_compare_ranks_three_families_shares_the_data_stage_and_ships_the_best_with_its_cost(tmp_path, served_artifact):
+    """With the served ticket model as a contender, `--api hosted` lists it under the candidates: it cannot be ranked
+    on eval_loss (no log-probabilities through an API) and is never the best."""
+    hosted = {"name": "hosted", "base_url": served_artifact[0], "model": served_artifact[1]}
+    result = run_ftpipe("compare", "quickstart", "--base", "tiny:llama", "--base", "tiny:mistral", "--base", "tiny:qwen2", "--api", "hosted",
+                        "--set", f"evaluation.contenders={json.dumps([hosted])}", "--set", "evaluation.safety.enabled=false",
                         *SHORT_RUN_ARGS, "--set", "compare.objective=eval_loss", "--set", "compare.promote_best=true",
                         "--set", f"cost.prices={json.dumps(PRICES)}", "--set", "cost.serving.requests_per_month=10000",
                         "--set", "cost.serving.gpu_type=h100", "--set", "cost.serving.api_usd_per_million_input_tokens=0.5",
@@ -152,8 +156,11 @@ def test_ftpipe_compare_ranks_three_families_shares_the_data_stage_and_ships_the
     assert [row[0] for row in table] == ["1", "2", "3"] and {row[1] for row in table} == {"tiny:llama", "tiny:mistral", "tiny:qwen2"}
     losses = [float(row[2]) for row in table]
     assert losses == sorted(losses)  # best (lowest eval loss) first
-    assert lines[header + 4] == f"best: {table[0][1]}"
-    artifact = Path(lines[header + 5].removeprefix("artifact: "))
+    assert table[0][3] == "best" and all(row[3] in ("within", "+") or row[3].startswith("+") for row in table[1:])
+    api = lines[header + 4]
+    assert api.split()[:4] == ["4", "hosted", "-", "-"] and "a hosted API, for reference: not a candidate" in api
+    assert lines[header + 5] == f"best: {table[0][1]}"
+    artifact = Path(lines[header + 6].removeprefix("artifact: "))
 
     # one data stage: prepared once by the comparison, found in the cache by every candidate and by the promotion
     assert result.stderr.count("Task run 'prepare-data") == 5
@@ -171,6 +178,54 @@ def test_ftpipe_compare_ranks_three_families_shares_the_data_stage_and_ships_the
     assert serving["api_usd"] == pytest.approx(10000 * (500 * 0.5 + 200 * 1.5) / 1e6) and serving["self_hosted_usd"] == 2190.0
     card = (artifact / "README.md").read_text()
     assert "## Cost" in card and "Serving projection: 10,000 requests a month" in card and "- hosted API: $5.50" in card
+
+
+def _scored(base: str, exact: list[float], contenders: dict[str, list[float]] | None = None) -> dict:
+    """A leaderboard entry whose evaluation kept per-row exact match for the candidate (and its contenders)."""
+    from evaluation.confidence import RowStatistic
+
+    contenders = contenders or {}
+    mean = sum(exact) / len(exact)
+    evaluation = EvalResult(report_path="r.json", examples={"heldout": len(exact)}, base={"exact_match": 0.0}, candidate={"exact_match": mean},
+                            contenders={n: {"exact_match": sum(v) / len(v)} for n, v in contenders.items()},
+                            contender_info={n: {"model": f"{n}-2024", "usage": {}} for n in contenders},
+                            statistics={"candidate": {"exact_match": RowStatistic("mean", exact)},
+                                        **{n: {"exact_match": RowStatistic("mean", v)} for n, v in contenders.items()}})
+    decision = decide([], evaluation.candidate, evaluation.base)
+    costs = {"run": {"usd": 0.01, "gpu_s": 0.0, "cpu_s": 30.0},
+             "contenders": {"rows": [{"model": n, "usd_per_1k_requests": 4.2} for n in contenders]}}
+    return entry(base, f"runs/{base}", evaluation, decision, {"runtime_s": 10.0}, costs, "exact_match")
+
+
+def test_the_leaderboard_marks_differences_within_noise_and_ranks_an_api_for_reference():
+    best = [1.0] * 36 + [0.0] * 4
+    close = [1.0] * 35 + [0.0] * 5  # one example fewer: noise
+    far = [1.0] * 10 + [0.0] * 30
+    entries = [_scored("tiny:llama", best, {"gpt": [1.0] * 30 + [0.0] * 10}), _scored("tiny:qwen2", close), _scored("tiny:mistral", far)]
+    ranked = rank(with_apis(entries, ["gpt"]), CompareSection())
+    assert [r["base"] for r in ranked] == ["tiny:llama", "tiny:qwen2", "gpt", "tiny:mistral"]
+    assert best_of(ranked)["base"] == "tiny:llama"
+    table = {row["base"]: row for row in summary_table(ranked)}
+    assert table["tiny:llama"]["vs best"] == "best"
+    assert table["tiny:qwen2"]["vs best"].startswith("within noise -0.0250 [")
+    assert table["tiny:mistral"]["vs best"].startswith("-0.6500 [") and "noise" not in table["tiny:mistral"]["vs best"]
+    assert table["gpt"]["eligible"] == "a hosted API, for reference: not a candidate" and table["gpt"]["USD per 1k requests"] == 4.2
+    assert table["gpt"]["vs best"].startswith("-0.1500 [")
+    with pytest.raises(ValueError, match="--api claude: no candidate's evaluation scored a contender of that name"):
+        with_apis(entries, ["claude"])
+
+
+def test_an_api_never_becomes_the_best_even_when_it_scores_highest():
+    entries = [_scored("tiny:llama", [1.0] * 20 + [0.0] * 20, {"gpt": [1.0] * 40})]
+    ranked = rank(with_apis(entries, ["gpt"]), CompareSection())
+    assert ranked[0]["base"] == "gpt" and best_of(ranked)["base"] == "tiny:llama"
+
+
+def test_compare_refuses_an_unknown_api_before_any_work(tmp_path):
+    result = run_ftpipe("compare", "quickstart", "--base", "tiny:llama", "--api", "gpt", "--output-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "--api gpt: not a contender of recipe quickstart (evaluation.contenders: none)"
+    assert not list(tmp_path.iterdir())
 
 
 def test_compare_refuses_a_recipe_without_bases_before_any_work(tmp_path):

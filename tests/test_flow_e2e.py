@@ -65,7 +65,7 @@ def _second_run_is_compared_with_the_first_as_champion(tmp_path: Path, first: Pa
     assert sum(evaluation["outcomes_vs_champion"]["heldout"].values()) == 40
     gate = json.loads((artifact / "manifest.json").read_text())["gates"]["results"][3]
     assert gate["reference"] == "champion" and gate["passed"] and gate["note"] == ""
-    assert "| metric | base | candidate | delta vs base | champion | delta vs champion |" in (artifact / "README.md").read_text()
+    assert "| metric | candidate | base | delta vs base | champion | delta vs champion |" in (artifact / "README.md").read_text()
     registry = Registry(tmp_path / "registry")
     assert registry.aliases("quickstart") == {"candidate": "2", "production": "2"}
     moves = [(m["alias"], m["previous"], m["version"]) for m in registry.history("quickstart")]

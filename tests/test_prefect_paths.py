@@ -11,7 +11,6 @@ import yaml
 
 from recipes import RecipeError, resolve_recipe
 from recipes.overrides import overrides_json_schema, override_patterns
-from recipes.schema import Recipe
 from tests.conftest import ROOT, SHORT_RUN
 
 
@@ -155,7 +154,7 @@ def test_progress_says_step_loss_tokens_per_second_and_time_left():
 
 
 def test_the_worker_logs_loss_at_least_every_few_seconds_whatever_logging_steps_says():
-    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers import TrainerControl, TrainerState
 
     from training.progress import PROGRESS_EVERY_S
     from training.sft import BatchStats, trainer_callbacks

@@ -66,7 +66,7 @@ def test_unknown_keys_are_errors_with_a_suggestion(raw, expected):
         ({"data": {"eval_fraction": 1.5}}, "data.eval_fraction: Input should be less than 1 (got 1.5)"),
         ({"name": "My Run"}, "name: String should match pattern '^[a-z0-9][a-z0-9._-]{0,63}$' (got 'My Run')"),
         ({"evaluation": {"gates": [{"metric": "bleu", "min": 1}]}}, "evaluation.gates.0: unknown metric 'bleu'; use one of: exact_match, normalized_exact_match, token_f1, rouge_l, json_valid, "
-         "json_schema, json_field_accuracy, regex_match, label_accuracy, label_macro_f1, eval_loss, perplexity, preference_accuracy, preference_margin, "
+         "json_schema, json_field_accuracy, regex_match, label_accuracy, label_macro_f1, eval_loss, perplexity, preference_accuracy, preference_margin, judge_score, "
          "safety.refusal_rate, safety.injection_resistance, safety.pii_leak_rate, safety.bias_change_rate"),
         ({"evaluation": {"gates": [{"metric": "exact_match", "min": 0.9, "max": 1}]}},
          "evaluation.gates.0: a gate needs exactly one of min, max, min_delta_vs_base, max_delta_vs_base, min_delta_vs_champion, max_delta_vs_champion, "

@@ -6,13 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import VLLM_PYTHON, free_port, run_ftpipe, vllm_required, wait_until_healthy
+from tests.conftest import VLLM_PYTHON, run_ftpipe, vllm_required
 
 
 @pytest.fixture()
@@ -249,20 +248,6 @@ def test_the_model_card_carries_metadata_lineage_and_the_base_license(artifact, 
     assert base_license(str(tmp_path), None) == "apache-2.0"
     (tmp_path / "README.md").write_text("# no metadata\n")
     assert base_license(str(tmp_path), None) is None
-
-
-@pytest.fixture(scope="module")
-def served_artifact(artifact):
-    """`transformers serve` (OpenAI-compatible) on loopback, serving the merged model on CPU; stopped after the module."""
-    model = str(Path(artifact.path) / "model")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", model, "--host", "127.0.0.1", "--port",
-                               str(port), "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    wait_until_healthy(f"http://127.0.0.1:{port}/health", server, 180, "transformers serve")
-    yield f"http://127.0.0.1:{port}/v1", model
-    server.terminate()
-    server.wait(timeout=30)
 
 
 def test_smoke_gets_the_evaluated_answers_from_the_served_artifact(served_artifact, prepared_small, tmp_path):

@@ -65,6 +65,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process_group(process) -> None:
+    """End a process started in a session of its own (start_new_session) and its children: SIGTERM, SIGKILL after 30 s."""
+    import os
+    import signal
+    import subprocess
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def rank() -> int:
     """This process's rank under accelerate/torchrun (0 when training in one process)."""
     import os
