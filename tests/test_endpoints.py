@@ -438,10 +438,10 @@ def test_a_run_puts_the_hosted_api_beside_base_and_candidate_with_intervals_judg
     report = json.loads(Path(tmp_path.glob("quickstart-*/eval/report.json").__next__()).read_text())
     assert report["judge"]["rubric_prompt"] == RUBRIC and len(report["judge"]["pairwise"]["hosted"]["heldout"]) == 16
     assert report["suites"]["heldout"]["per_example"][0]["hosted_output"]
-    table = {row["metric"]: row for row in json.loads(_latest_artifact("evaluation").data)}
+    table = {row["metric"]: row for row in json.loads(_latest_artifact("evaluation"))}
     assert table["exact_match"]["delta vs hosted"].startswith(f"{intervals['hosted']['exact_match']['value']:+.4f} [")
     assert table["eval_loss"]["hosted"] == "-" and table["judge_score"]["delta vs base"].startswith("+")
-    parity = json.loads(_latest_artifact("serving-parity").data)
+    parity = json.loads(_latest_artifact("serving-parity"))
     assert {row["metric"] for row in parity} >= {"served.exact_match", "served.answer_agreement"}
     card = (artifact / "README.md").read_text()
     assert "| metric | candidate | base | delta vs base | hosted | delta vs hosted |" in card
@@ -449,19 +449,28 @@ def test_a_run_puts_the_hosted_api_beside_base_and_candidate_with_intervals_judg
 
 
 def _latest_artifact(key: str):
-    """The newest artifact of a key in this session's Prefect database (the run above was its last flow run)."""
-    import asyncio
+    """The `data` of the newest artifact of a key in the database the CLI's embedded server wrote (this session's
+    PREFECT_HOME). Read from a fresh interpreter: once another test has started Prefect's test harness, this process's
+    client talks to the harness's own server instead."""
+    import subprocess
+    import sys
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
+    script = f"""
+import asyncio, json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
 
-    async def read():
-        async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                               sort=ArtifactSort.CREATED_DESC, limit=1)
+async def read():
+    async with get_client() as client:
+        return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[{key!r}])),
+                                           sort=ArtifactSort.CREATED_DESC, limit=1)
 
-    return asyncio.run(read())[0]
+print(json.dumps(asyncio.run(read())[0].data))
+"""
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert found.returncode == 0, found.stderr[-3000:]
+    return json.loads(found.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.gpu
