@@ -83,8 +83,11 @@ def test_a_short_recipe_submitted_from_the_form_completes(page):
     run_name = page.locator("xpath=//*[normalize-space(text())='Run Name']/following::input[1]").input_value()
     page.get_by_role("button", name="Submit").click()
 
-    page.wait_for_url("**/deployments/deployment/**")  # back on the deployment, the new run in its list
-    page.get_by_role("link", name=run_name).first.click()
+    try:  # back on the deployment (not its /run form, which the same glob would match at once), the new run in its list
+        page.wait_for_url(lambda address: re.search(r"/deployments/deployment/[^/?]+/?$", address) is not None, timeout=180_000)
+    finally:
+        shot(page, "2b-submitted")  # what the form showed if the submission did not go through
+    page.get_by_role("link", name=run_name).first.click(timeout=120_000)
     page.wait_for_url("**/runs/flow-run/**")
     run_id = page.url.rstrip("/").rsplit("/", 1)[-1]
     wait_for_text(page, "Completed", 900, "3-completed")
