@@ -212,17 +212,11 @@ def free_port() -> int:
 
 
 def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float, what: str) -> None:
-    """Poll a server's health URL until it answers 200; fail with its output if it exits first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert server.poll() is None, f"{what} exited: " + (server.stderr.read()[-3000:] if server.stderr else "")
-        assert time.monotonic() < deadline, f"{what} did not start within {timeout:g} s"
-        time.sleep(0.5)
+    """Poll a server's health URL until it answers 200; fail with its output if it exits first (evaluation.served's
+    loop, which evaluation.serve uses too)."""
+    from evaluation.served import wait_until_healthy as wait
+
+    wait(url, server, timeout, what, lambda: server.stderr.read()[-3000:] if server.stderr else "")
 
 
 def python_script(script: Path, *args: str, env: dict | None = None) -> dict:

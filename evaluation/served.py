@@ -14,12 +14,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from data_prep.files import atomic_write_json
-from evaluation.confidence import RowStatistic, interval
+from evaluation.confidence import interval
 from evaluation.endpoints import EndpointClient
 from evaluation.evaluate import EvalResult, _suites, judging, score_suite
 from recipes.schema import SERVED, EndpointSection, EvaluationSection, ExportSection, ModelSection
@@ -74,7 +75,7 @@ def parity(section: EvaluationSection, suites, served: list, evaluation: EvalRes
             same += sum(a == b for a, b in zip(scores.outputs, mine.outputs, strict=True))
             answered += len(scores.outputs)
     if answered:
-        metrics[f"{SERVED}.answer_agreement"] = RowStatistic("mean", [1.0] * same + [0.0] * (answered - same)).value()
+        metrics[f"{SERVED}.answer_agreement"] = same / answered
     agreement = metrics.get(f"{SERVED}.answer_agreement")
     line = (f"{same} of {answered} answers identical to the in-process candidate's ({agreement:.1%})" if answered
             else "no generated answers to compare")
@@ -98,7 +99,8 @@ def local_server(kind: str, model_dir: Path, log_path: Path, options: tuple[str,
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                                    env=os.environ | {"HF_HUB_OFFLINE": "1"})
         try:
-            _wait_until_healthy(f"http://127.0.0.1:{port}/health", process, STARTUP_TIMEOUT_S[kind], log_path, description)
+            wait_until_healthy(f"http://127.0.0.1:{port}/health", process, STARTUP_TIMEOUT_S[kind], description,
+                               lambda: f"its log ({log_path}) ends:\n" + log_path.read_text()[-2000:])
             yield f"http://127.0.0.1:{port}/v1", description
         finally:
             stop_process_group(process)
@@ -124,7 +126,9 @@ def _server_command(kind: str, model_dir: Path, port: int) -> tuple[list[str], s
             f"vLLM {VLLM_VERSION} on {torch.cuda.get_device_name(0)}")
 
 
-def _wait_until_healthy(url: str, process: subprocess.Popen, timeout_s: float, log_path: Path, what: str) -> None:
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout_s: float, what: str, output: Callable[[], str] = str) -> None:
+    """Poll a server's health URL until it answers 200; ServeError with the server's output (`output()`) when it exits
+    first, or when timeout_s pass."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -135,8 +139,7 @@ def _wait_until_healthy(url: str, process: subprocess.Popen, timeout_s: float, l
         except httpx.HTTPError:
             pass
         if process.poll() is not None:
-            raise ServeError(f"{what} exited with code {process.returncode} before it was ready; its log ({log_path}) ends:\n"
-                             + log_path.read_text()[-2000:])
+            raise ServeError(f"{what} exited with code {process.returncode} before it was ready: {output()}")
         if time.monotonic() > deadline:
-            raise ServeError(f"{what} was not ready within {timeout_s} s; its log: {log_path}")
+            raise ServeError(f"{what} was not ready within {timeout_s:g} s")
         time.sleep(0.5)
