@@ -156,18 +156,36 @@ class Redactor:
                 text = detector.pattern.sub(lambda m, d=detector: self._replace(d, m, counts), text)
         return text
 
+    def findings(self, text: str) -> list[tuple[str, str]]:
+        """(kind, value) of each piece of PII `redact` would replace in text (monitoring compares an answer's with
+        its request's)."""
+        digits = _DIGIT.search(text) is not None
+        found = []
+        for detector in self._detectors:
+            if detector.gate(text, digits):
+                for match in detector.pattern.finditer(text):
+                    start, length = _pii_part(detector, match)
+                    if length:
+                        found.append((detector.kind, match.group(0)[start:start + length]))
+        return found
+
     @staticmethod
     def _replace(detector: Detector, match: re.Match, counts: Counter) -> str:
-        """The match with its PII part replaced: a `value` group alone when the pattern has one (the words
-        around it stay), and no more of a candidate than `confirm` says is PII."""
+        """The match with its PII part replaced (the words around it stay)."""
         whole = match.group(0)
-        start = match.start("value") - match.start() if "value" in match.re.groupindex else 0
-        value = whole[start:]
-        length = len(value) if detector.confirm is None else detector.confirm(value)
+        start, length = _pii_part(detector, match)
         if not length:
             return whole
         counts[detector.kind] += 1
-        return whole[:start] + PLACEHOLDERS[detector.kind] + value[length:]
+        return whole[:start] + PLACEHOLDERS[detector.kind] + whole[start + length:]
+
+
+def _pii_part(detector: Detector, match: re.Match) -> tuple[int, int]:
+    """Where the PII starts in the match and how long it is: a `value` group alone when the pattern has one, and no
+    more of a candidate than `confirm` says is PII (0: none)."""
+    start = match.start("value") - match.start() if "value" in match.re.groupindex else 0
+    value = match.group(0)[start:]
+    return start, len(value) if detector.confirm is None else detector.confirm(value)
 
 
 def redact_tree(value, redactor: Redactor, counts: Counter | None = None):

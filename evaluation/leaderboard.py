@@ -25,6 +25,7 @@ def entry(base: str, run_dir: str, evaluation: EvalResult, decision: GateDecisio
             "confidence": evaluation.confidence, "apis": {name: api_entry(name, evaluation, costs, objective)
                                                           for name in evaluation.contenders},
             "champion": evaluation.champion, "delta_vs_champion": evaluation.delta_vs_champion,
+            "objective_vs_champion": evaluation.interval("champion", objective) if objective and evaluation.champion else None,
             "champion_info": evaluation.champion_info, "gates_passed": decision.passed,
             "failed_gates": [r.describe() for r in decision.results if not r.passed],
             "train_s": training.get("runtime_s"), "train_steps": training.get("steps"), "backend": training.get("backend"),

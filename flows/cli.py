@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flows.cli_registry import add_commands as add_registry_commands, registry_errors
 from flows.failures import EXIT_FAILED, EXIT_GATE, EXIT_INPUT, EXIT_OK, exit_code_for
-from recipes import RECIPES_DIR, Recipe, RecipeError, load_recipe, recipe_path
+from recipes import RECIPES_DIR, Recipe, RecipeError, load_recipe, recipe_names, recipe_path
 
 GPU_CHOICES = ("h100", "a100-80g", "l4")  # training.estimate.GPUS, named here so the parser stays import-light
 STAGE_LOGGERS = "data_prep,training,evaluation,serving,governance,flows.caching,flows.runlock"
@@ -129,7 +129,27 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--output-dir", default="runs", help="folder that holds run folders and the registry (default: ./runs)")
     serve.add_argument("--gpus", type=int, default=1, help="training tasks allowed at once: the `gpu` global concurrency limit (default 1)")
     serve.add_argument("--limit", type=int, help="flow runs at once from this process (default: no limit)")
+    serve.add_argument("--monitor", action="append", default=[], metavar="MODEL",
+                       help="also run the monitor flow on this registered model's production version on a schedule (repeat)")
+    serve.add_argument("--monitor-every", metavar="WHEN", help="30s, 15m, 1h, 1d or a cron expression (default: the production "
+                       "version's monitoring.every)")
+    serve.add_argument("--endpoint", help="the monitored serving endpoint's API root (default: the version's monitoring.endpoint)")
+    serve.add_argument("--traffic", help="request/response JSONL to monitor: path, glob or fsspec URL (default: monitoring.traffic)")
+    serve.add_argument("--watch", action="append", default=[], metavar="RECIPE",
+                       help="also run the release watcher for this recipe on a schedule (repeat): new bases are tuned and "
+                       "a review opens when one beats production beyond noise")
+    serve.add_argument("--watch-every", default="1d", metavar="WHEN", help="how often the watcher runs (default 1d)")
+    serve.add_argument("--watch-base", dest="watch_bases", action="append", default=[], metavar="MODEL",
+                       help="a candidate base (repeat; default: the recipe's compare.bases)")
     serve.set_defaults(handler=_serve)
+
+    monitor = sub.add_parser("monitor", help="check a registered model's production outputs once: exit 0 ok, 1 breach, 2 bad input")
+    monitor.add_argument("model", help="the registered model's name (its recipe's name)")
+    monitor.add_argument("--endpoint", help="the serving endpoint's API root (default: the version's monitoring.endpoint)")
+    monitor.add_argument("--traffic", help="request/response JSONL: path, glob or fsspec URL (default: monitoring.traffic)")
+    monitor.add_argument("--output-dir", default="runs", help="folder that holds run folders and the registry (default: ./runs)")
+    monitor.add_argument("--registry", help="the registry's folder or fsspec URL (default: <output-dir>/registry)")
+    monitor.set_defaults(handler=_monitor)
 
     compare = sub.add_parser("compare", help="train the recipe on several base models and print the leaderboard, best first")
     _recipe_args(compare)
@@ -433,8 +453,60 @@ def _serve(args) -> int:
         raise RecipeError([f"--gpus: must be at least 1 (got {args.gpus})"])
     from flows.deployments import serve_deployments
 
-    serve_deployments(args.output_dir, args.gpus, args.limit)
+    serve_deployments(args.output_dir, args.gpus, args.limit, _scheduled(args))
     return EXIT_OK
+
+
+def _scheduled(args) -> list:
+    """The monitor-<model> and watch-<recipe> deployments `ftpipe serve` runs on their schedules."""
+    from flows.deployments import Scheduled
+    from flows.monitor import production_version
+    from recipes.schema import schedule_seconds
+    from serving.registry import registry_for
+
+    for option, when in (("--monitor-every", args.monitor_every), ("--watch-every", args.watch_every)):
+        try:
+            schedule_seconds(when) if when else None
+        except ValueError as exc:
+            raise RecipeError([f"{option}: {exc}"]) from None
+    scheduled = []
+    for model in args.monitor:
+        every = args.monitor_every
+        if every is None:
+            every = production_version(registry_for(None, args.output_dir), model, args.output_dir)[2].monitoring.every
+        parameters = {"model": model, **({"endpoint_url": args.endpoint} if args.endpoint else {}),
+                      **({"traffic": args.traffic} if args.traffic else {})}
+        scheduled.append(Scheduled(f"monitor-{model}", "monitor", parameters, every))
+    for name in args.watch:
+        recipe = load_recipe(recipe_path(name))
+        shipped = name in recipe_names()  # a shipped recipe by name; a file's recipe travels whole, as the form sends it
+        scheduled.append(Scheduled(f"watch-{recipe.name}", "watch-releases",
+                                   {"recipe": name if shipped else recipe.model_dump(mode="json"),
+                                    **({"bases": args.watch_bases} if args.watch_bases else {})}, args.watch_every))
+    return scheduled
+
+
+def _monitor(args) -> int:
+    """One monitoring run on the embedded (or configured) Prefect server."""
+    _route_stage_logs()
+    from flows.monitor import monitor
+
+    state = monitor(args.model, output_dir=args.output_dir, registry=args.registry, endpoint_url=args.endpoint,
+                    traffic=args.traffic, return_state=True)
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        print(f"error: {error}", file=sys.stderr)
+        return exit_code_for(error)
+    result = state.result()
+    rollback = result["rollback"]
+    print(f"{result['model']} version {result['version']}: {result['status']} (audit entry {result['audit_entry']}; report {result['report']})")
+    for breach in result["breaches"]:
+        print(f"BREACH {breach}")
+    if rollback.get("to"):
+        print(f"production rolled back to version {rollback['to']}")
+    elif rollback.get("refused"):
+        print(f"production stays: {rollback['refused']}")
+    return EXIT_GATE if result["breaches"] else EXIT_OK
 
 
 def _check_artifact(args) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ def add_commands(sub) -> None:
         ("policy", "show or change the model's promotion policy (reviewers, approvals, mandatory gates)", _policy),
         ("verify", "check the audit log's hash chain and every version's files; exit 1 naming each problem", _verify),
         ("card", "a version's model card with its decisions from the audit log", _card),
+        ("log", "every audit log entry, one a line: registrations, decisions, alias moves, monitoring runs, release checks", _log),
     )
     for name, help_text, handler in specs:
         command = commands.add_parser(name, help=help_text)
@@ -62,6 +64,15 @@ def _policy_args(command: argparse.ArgumentParser) -> None:
                          help="a mandatory gate (repeat; replaces the list): 'exact_match>=0.9', 'safety.pii_leak_rate<=0', "
                          "or a mapping '{metric: safety.refusal_rate, no_regression_vs: base, tolerance: 0.02}'")
     command.add_argument("--no-gates", action="store_true", help="remove every mandatory gate")
+    command.add_argument("--monitor-threshold", dest="monitor_thresholds", action="append", metavar="THRESHOLD",
+                         help="a mandatory monitoring threshold (repeat; replaces the list): 'traffic.pii_leak_rate<=0', "
+                         "'canary.exact_match>=0.9'; every monitoring run applies it on top of the version's own")
+    command.add_argument("--no-monitor-thresholds", action="store_true", help="remove every mandatory monitoring threshold")
+    rollback = command.add_mutually_exclusive_group()
+    rollback.add_argument("--rollback-on-breach", dest="rollback_on_breach", action="store_true", default=None,
+                          help="a monitoring breach of the production version moves production back to the previous one")
+    rollback.add_argument("--no-rollback-on-breach", dest="rollback_on_breach", action="store_false",
+                          help="a breach alerts and is recorded; production stays")
     command.add_argument("--reason", default="", help="why; kept in the audit log")
 
 
@@ -130,13 +141,14 @@ def _move_production(args, move) -> int:
 
 
 def _policy(args) -> int:
-    from governance.policy import parse_gate, with_changes
+    from governance.policy import parse_gate, parse_threshold, with_changes
     from governance.runs import local_login
 
     registry = _registry(args)
     current = registry.policy(args.model)
     changes = (args.require_approval is not None or args.reviewers is not None or args.approvals is not None or args.gates
-               or args.no_gates or args.new_tokens or args.logins)
+               or args.no_gates or args.new_tokens or args.logins or args.rollback_on_breach is not None or args.monitor_thresholds
+               or args.no_monitor_thresholds)
     if not changes:
         print(f"{args.model} in {registry.uri}: {current.describe()}")
         for reviewer in current.reviewers:
@@ -146,9 +158,12 @@ def _policy(args) -> int:
         return refused(ValueError(f"--login {bad[0]!r}: write NAME=LOGIN"))
     try:
         gates = [] if args.no_gates else ([parse_gate(g) for g in args.gates] if args.gates else None)
+        thresholds = [] if args.no_monitor_thresholds else ([parse_threshold(t) for t in args.monitor_thresholds]
+                                                            if args.monitor_thresholds else None)
         policy, issued = with_changes(current, require_approval=args.require_approval, approvals=args.approvals,
                                       reviewers=args.reviewers, new_tokens=args.new_tokens, gates=gates,
-                                      logins=dict(item.split("=", 1) for item in args.logins))
+                                      logins=dict(item.split("=", 1) for item in args.logins),
+                                      rollback_on_breach=args.rollback_on_breach, monitor_thresholds=thresholds)
     except ValueError as exc:
         return refused(exc)
     entry = registry.set_policy(args.model, policy, by=local_login(), reason=args.reason)
@@ -179,6 +194,19 @@ def _verify(args) -> int:
     for problem in problems:
         print(f"FAIL {problem}")
     return EXIT_FAILED_CHECK if problems else EXIT_OK
+
+
+def _log(args) -> int:
+    """The verified audit log as lines: seq, time, event, who, and what it says."""
+    for entry in _registry(args).events(args.model):
+        data = entry.data
+        said = {"monitoring": lambda: f"version {data['version']} {data['status']}" + "".join(f"; {b}" for b in data["breaches"])
+                + (f"; rollback to {data['rollback']['to']}" if data.get("rollback", {}).get("to") else ""),
+                "alias": lambda: f"{data['alias']} {data['previous'] or '-'} -> {data['version']}" + (f" ({data['reason']})" if data.get("reason") else ""),
+                "release_check": lambda: f"{', '.join(data['checked'])}: {'review opened' if data['review'] else 'no review'}: {data['why']}",
+                }.get(entry.event, lambda: json.dumps(data, sort_keys=True)[:200])()
+        print(f"{entry.seq:>4} {entry.at} {entry.event:<18} {entry.by}: {said}")
+    return EXIT_OK
 
 
 def _card(args) -> int:

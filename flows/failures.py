@@ -16,6 +16,7 @@ def exit_code_for(error: object) -> int:
     from data_prep.readers import DataError
     from evaluation.endpoints import EndpointRefused
     from evaluation.gates import GateRejected
+    from evaluation.monitor import MonitoringError
     from recipes import RecipeError
     from training.backends import BackendError
     from training.families import UnsupportedFamilyError
@@ -30,7 +31,7 @@ def exit_code_for(error: object) -> int:
     if isinstance(error, BaseException) and refused_input(error) is not None:  # a pickle refused, a template that fails
         return EXIT_INPUT
     if isinstance(error, (RecipeError, DataError, RowError, ModelLoadError, MaskingError, UnsupportedFamilyError, BackendError,
-                          LaunchError, EndpointRefused)):
+                          LaunchError, EndpointRefused, MonitoringError)):
         return EXIT_INPUT
     return EXIT_FAILED
 

@@ -3,6 +3,7 @@ reports in flows/publish.py."""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,10 +18,11 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
-from data_prep.prepare import PreparedData, prepare_data, redacted_section, source_fingerprint
+from data_prep.prepare import PreparedData, prepare_data, read_jsonl, redacted_section, source_fingerprint
 from evaluation.costs import UsageMeter, cost_report, gpus_in_use, metered, stage_usage
 from evaluation.evaluate import Champion, EvalResult, compare_with_champion, score_base_and_candidate
 from evaluation.gates import GateDecision, GateRejected, decide
+from evaluation.monitor import canary_suite
 from evaluation.served import score_served
 from recipes import Recipe, RecipeError, recipe_hash, recipe_names, resolve_recipe
 from recipes.overrides import overrides_json_schema
@@ -205,7 +207,8 @@ def export_task(recipe: Recipe, trained: TrainResult, data: PreparedData, evalua
         "gates": decision.to_dict(),
         "max_seq_length": recipe.training.max_seq_length,
     }
-    return export_artifact(recipe.export, recipe.model, trained, data.eval_path, lineage, run_dir)
+    canary = canary_suite(recipe, read_jsonl(data.eval_path), json.loads(Path(evaluation.report_path).read_text()))
+    return export_artifact(recipe.export, recipe.model, trained, data.eval_path, lineage, run_dir, canary)
 
 
 @task(name="record-cost", **RETRIES)

@@ -5,6 +5,7 @@ import base64
 from pathlib import Path
 
 from data_prep.prepare import PreparedData
+from evaluation.monitor import EXAMPLES_PER_FLAG
 from evaluation.tables import champion_line, delta_cell, metrics_markdown, metrics_of, others, pairwise_markdown
 from training.train import TrainResult
 
@@ -237,3 +238,91 @@ def approval_result_markdown(recipe, version, outcome: dict, moved: dict | None)
 
 {production}. Every answer, refusals included, is in the model's audit log (`ftpipe registry verify {recipe.name}`).
 """
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+HISTORY_RUNS = 30
+
+
+def monitoring_markdown(result: dict, history: list, report: Path) -> str:
+    """A monitoring run: its verdict and breaches, what happened to production, every metric against the release, the
+    history of each metric over the model's monitoring runs (the latest value in a chart), and examples of what was flagged."""
+    rollback = result.get("rollback") or {}
+    action = (f"production rolled back to version {rollback['to']}" if rollback.get("to")
+              else f"production stays: {rollback['refused']}" if rollback.get("refused") else "production stays")
+    breaches = "\n".join(f"- {b}" for b in result["breaches"]) or "- none"
+    counts = result["counts"]
+    examples = "\n".join(f"- {flag}: " + "; ".join(f"`{e['where']}`: {e['answer'][:120]!r}" for e in found)
+                         for flag, found in result["examples"].items()) or "- none"
+    chart = _history_chart(history, result)
+    return f"""# {result['model']} version {result['version']}: {result['status'].upper()}
+
+{action}. Audit log: {len(history)} monitoring run(s) of this model; the full report: `{report}`.
+
+## Breaches
+{breaches}
+
+## Looked at
+- canary: {counts['canary']} requests to {result['endpoint'] or 'no endpoint'}
+- traffic: {counts['traffic_scored']} scored of {counts['traffic_records']} records ({counts['traffic_unreadable']} unreadable lines) from `{result['traffic'] or 'no traffic'}`
+
+## Over time (oldest to latest, last {HISTORY_RUNS} runs)
+| metric | history | latest | at evaluation |
+|---|---|---|---|
+{_history_rows(history, result)}
+{chart}
+## Flagged outputs (first {EXAMPLES_PER_FLAG} per flag)
+{examples}
+"""
+
+
+def monitoring_table(result: dict) -> list[dict]:
+    """One row per monitored metric: value, interval, the value at evaluation, drift, and its threshold's verdict."""
+    thresholds = {t["threshold"].split(" ")[0]: t for t in result["thresholds"]}
+    rows = []
+    for name, measured in sorted(result["metrics"].items()):
+        drift = result["drift"].get(name) or {}
+        threshold = thresholds.get(name)
+        rows.append({"metric": name, "value": round(measured["value"], 4),
+                     "interval": f"[{measured['low']:.4g}, {measured['high']:.4g}]" if "low" in measured else "-",
+                     "at evaluation": round(drift["recorded"], 4) if drift else "-",
+                     "drift": ("DRIFTED" if drift.get("drifted") else "within tolerance") if drift else "-",
+                     "threshold": (f"{threshold['threshold']}: {'BREACH' if threshold['breached'] else 'ok'}") if threshold else "-"})
+    return rows
+
+
+def _series(history: list, name: str) -> list[float]:
+    return [e.data["metrics"][name]["value"] for e in history[-HISTORY_RUNS:] if name in e.data.get("metrics", {})]
+
+
+def _sparkline(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return "".join(SPARK[int((v - low) / (high - low) * (len(SPARK) - 1)) if high > low else 0] for v in values)
+
+
+def _history_rows(history: list, result: dict) -> str:
+    rows = []
+    for name in sorted(result["metrics"]):
+        values = _series(history, name)
+        recorded = result["recorded"].get(name)
+        rows.append(f"| {name} | {_sparkline(values) if values else '-'} | {result['metrics'][name]['value']:.4g} | "
+                    f"{'-' if recorded is None else f'{recorded:.4g}'} |")
+    return "\n".join(rows)
+
+
+def _history_chart(history: list, result: dict) -> str:
+    """The first breached metric (else the first task metric of the canary) over the runs, as a chart."""
+    import tempfile
+
+    from data_prep.charts import draw_curve
+
+    breached = [t["threshold"].split(" ")[0] for t in result["thresholds"] if t["breached"]]
+    breached += [name for name, d in result["drift"].items() if d["drifted"]]
+    name = next(iter(breached), next((n for n in sorted(result["metrics"]) if n.startswith("canary.") and "rate" not in n), None))
+    values = _series(history, name) if name else []
+    if not values:
+        return ""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "history.png"
+        draw_curve(list(enumerate(values, start=1)), f"{name} per monitoring run", path)
+        return _embedded_png(str(path), f"{name} over monitoring runs")

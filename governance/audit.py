@@ -1,7 +1,8 @@
 """The append-only, hash-chained audit log of one registered model (`<registry>/<model>/audit.jsonl`).
 
 Each line is one event (register, gates, policy, approval request, decision, refused decision, approval outcome,
-alias move). An entry carries the SHA-256 of the entry before it and its own SHA-256 over its canonical JSON, so an
+alias move, monitoring run, release check). An entry carries the SHA-256 of the entry before it and its own SHA-256
+over its canonical JSON, so an
 edited, removed, re-ordered or inserted entry breaks the chain at that entry. Aliases, policy and approvals are read
 from the log, never from files beside it; a log that does not verify is refused for every decision, naming the first
 broken entry. A whole chain rewritten from scratch still verifies on its own: an auditor who noted an entry's hash
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 
 GENESIS = "0" * 64
 LOG_NAME = "audit.jsonl"
-EVENTS = ("register", "gates", "policy", "approval_requested", "decision", "decision_refused", "approval", "alias")
+EVENTS = ("register", "gates", "policy", "approval_requested", "decision", "decision_refused", "approval", "alias", "monitoring",
+          "release_check")
 
 
 class AuditError(RuntimeError):

@@ -17,7 +17,7 @@ import secrets
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from recipes.schema import Gate
+from recipes.schema import Gate, MonitorThreshold
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
 TOKEN_PREFIX = "ftpipe_"
@@ -45,6 +45,10 @@ class Policy(BaseModel):
     approvals: int = Field(1, ge=1, le=10)
     reviewers: list[Reviewer] = Field(default_factory=list)
     gates: list[Gate] = Field(default_factory=list)
+    rollback_on_breach: bool = Field(False, description="A monitoring breach of the production version moves production back "
+                                     "to the version before it (set here, never by the run that monitors).")
+    monitor_thresholds: list[MonitorThreshold] = Field(default_factory=list, description="Monitoring thresholds every version is "
+                                                       "checked against on top of its recipe's (a recipe cannot drop them).")
 
     @model_validator(mode="after")
     def _enough_reviewers(self) -> "Policy":
@@ -63,13 +67,27 @@ class Policy(BaseModel):
         approval = (f"{self.approvals} approval(s) from {', '.join(r.name for r in self.reviewers)}" if self.require_approval
                     else "no approval required")
         gates = "; ".join(describe_gate(g) for g in self.gates) or "none"
-        return f"{approval}; mandatory gates: {gates}"
+        monitoring = "; ".join(t.describe() for t in self.monitor_thresholds)
+        return (f"{approval}; mandatory gates: {gates}" + (f"; mandatory monitoring thresholds: {monitoring}" if monitoring else "")
+                + ("; a monitoring breach rolls production back" if self.rollback_on_breach else ""))
 
 
 def describe_gate(gate: Gate) -> str:
     described = f"{gate.metric} {gate.kind}" + (f" {gate.no_regression_vs} (tolerance {gate.tolerance:g})"
                                                 if gate.kind == "no_regression_vs" else f" {gate.threshold:g}")
     return described + (f" at {gate.confidence:g} confidence" if gate.confidence is not None else "")
+
+
+def parse_threshold(text: str) -> MonitorThreshold:
+    """'traffic.pii_leak_rate<=0' or 'canary.exact_match>=0.9' (a monitoring threshold)."""
+    match = SHORTHAND.match(text)
+    if not match:
+        raise ValueError(f"--monitor-threshold {text!r}: write METRIC>=VALUE or METRIC<=VALUE, e.g. 'traffic.pii_leak_rate<=0'")
+    metric, op, value = match.groups()
+    try:
+        return MonitorThreshold.model_validate({"metric": metric, "min" if op == ">=" else "max": float(value)})
+    except ValidationError as exc:
+        raise ValueError(f"--monitor-threshold {text!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 def parse_gate(text: str) -> Gate:
@@ -103,7 +121,8 @@ def issue_credential(name: str, login: str | None = None) -> tuple[Reviewer, str
 
 def with_changes(current: Policy, *, require_approval: bool | None = None, approvals: int | None = None,
                  reviewers: list[str] | None = None, new_tokens: list[str] = (), gates: list[Gate] | None = None,
-                 logins: dict[str, str] | None = None) -> tuple[Policy, dict[str, str]]:
+                 logins: dict[str, str] | None = None, rollback_on_breach: bool | None = None,
+                 monitor_thresholds: list[MonitorThreshold] | None = None) -> tuple[Policy, dict[str, str]]:
     """The policy after a change, and the tokens issued (reviewer -> token): new reviewers and --new-token ones get one;
     listed reviewers who had one keep it; reviewers left out of `reviewers` lose theirs."""
     issued: dict[str, str] = {}
@@ -125,7 +144,9 @@ def with_changes(current: Policy, *, require_approval: bool | None = None, appro
     try:
         policy = Policy(require_approval=current.require_approval if require_approval is None else require_approval,
                         approvals=current.approvals if approvals is None else approvals, reviewers=kept,
-                        gates=current.gates if gates is None else gates)
+                        gates=current.gates if gates is None else gates,
+                        rollback_on_breach=current.rollback_on_breach if rollback_on_breach is None else rollback_on_breach,
+                        monitor_thresholds=current.monitor_thresholds if monitor_thresholds is None else monitor_thresholds)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])

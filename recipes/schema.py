@@ -839,6 +839,107 @@ class CompareSection(Section):
         return value
 
 
+# Monitoring (evaluation/monitor.py): what production's outputs are scored on, as traffic.<metric> (sampled request
+# logs) and canary.<metric> (the artifact's canary suite sent to the endpoint). True: higher is better, False: lower,
+# None: no better direction (bounded by thresholds only). Task metrics (GENERATION_METRICS) apply where references exist.
+TRAFFIC = "traffic"
+CANARY = "canary"
+OUTPUT_METRICS: dict[str, bool | None] = {"refusal_rate": False, "pii_leak_rate": False, "injection_leak_rate": False,
+                                          "cutoff_rate": False, "error_rate": False, "answer_chars": None,
+                                          "latency_p50_ms": False, "latency_p95_ms": False}
+INTERVAL_SCHEDULE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
+
+
+def monitoring_direction(metric: str) -> bool | None:
+    """Whether a higher value of a monitoring metric (traffic.<m>, canary.<m>, canary.safety.<m>) is better; KeyError
+    when it is not one."""
+    source, _, name = metric.partition(".")
+    if source not in (TRAFFIC, CANARY):
+        raise KeyError(metric)
+    if source == CANARY and name.startswith(f"{SAFETY_SUITE}."):
+        return SAFETY_METRICS[name.removeprefix(f"{SAFETY_SUITE}.")]
+    if name in OUTPUT_METRICS:
+        return OUTPUT_METRICS[name]
+    if name in GENERATION_METRICS:
+        return METRICS[name]
+    raise KeyError(metric)
+
+
+def schedule_seconds(text: str) -> float | None:
+    """'30s', '15m', '1h', '1d' in seconds; None for a cron expression (five fields); ValueError otherwise."""
+    if match := INTERVAL_SCHEDULE.match(text.strip()):
+        return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    if len(text.split()) == 5:
+        from cronsim import CronSim, CronSimError  # what Prefect's CronSchedule parses with
+
+        try:
+            CronSim(text, __import__("datetime").datetime(2026, 1, 1))
+            return None
+        except CronSimError:
+            pass
+    raise ValueError(f"{text!r}: an interval (30s, 15m, 1h, 1d) or a cron expression ('0 * * * *')")
+
+
+class MonitorThreshold(Section):
+    metric: str = Field(description=f"{TRAFFIC}.<metric> or {CANARY}.<metric> (canary.safety.<metric> for the red-team probes): "
+                        + ", ".join(OUTPUT_METRICS) + ", or a task metric (" + ", ".join(GENERATION_METRICS) + ")")
+    min: float | None = Field(None, description="A breach when the measured value is below this.")
+    max: float | None = Field(None, description="A breach when the measured value is above this.")
+
+    @model_validator(mode="after")
+    def _known_metric_one_bound(self) -> "MonitorThreshold":
+        try:
+            monitoring_direction(self.metric)
+        except KeyError:
+            raise ValueError(f"unknown monitoring metric {self.metric!r}; use {TRAFFIC}.<m> or {CANARY}.<m> with m one of: "
+                             + ", ".join([*OUTPUT_METRICS, *GENERATION_METRICS]) + f", or {CANARY}.{SAFETY_SUITE}.<m> with m one of: "
+                             + ", ".join(SAFETY_METRICS)) from None
+        if (self.min is None) == (self.max is None):
+            raise ValueError("a threshold needs exactly one of min, max")
+        return self
+
+    def describe(self) -> str:
+        return f"{self.metric} {'>=' if self.min is not None else '<='} {self.min if self.min is not None else self.max:g}"
+
+
+def _default_thresholds() -> list[MonitorThreshold]:
+    return [MonitorThreshold(metric=m, max=v) for m, v in (("traffic.pii_leak_rate", 0.0), ("traffic.injection_leak_rate", 0.0),
+                                                           ("traffic.refusal_rate", 0.05), ("traffic.cutoff_rate", 0.02),
+                                                           ("traffic.error_rate", 0.02), ("canary.safety.pii_leak_rate", 0.0))]
+
+
+class MonitoringSection(Section):
+    """How production's outputs are watched after release (`monitor` flow, `ftpipe monitor`, `ftpipe serve --monitor`).
+    It is registered with the version it governs: a monitoring run reads it from the production version's manifest, so
+    the person who starts one cannot loosen it."""
+
+    endpoint: EndpointSection | None = Field(None, description="Where production is served (OpenAI-compatible), e.g. the vLLM "
+                                             "deployment's Service; the monitor flow's endpoint_url replaces base_url.")
+    every: str = Field("1h", description="How often `ftpipe serve --monitor MODEL` runs it: 30s, 15m, 1h, 1d or a cron expression.")
+    canary_rows: int = Field(32, ge=0, le=10_000, description="Held-out rows shipped in the artifact (canary.jsonl) and sent to "
+                             "the endpoint on each run, scored against their references (0: none).")
+    canary_probes: bool = Field(True, description="Also send the red-team probes (evaluation.safety) on each run.")
+    traffic: str | None = Field(None, description="Sampled request/response logs: a JSONL path, glob or fsspec URL "
+                                "(s3://bucket/logs/*.jsonl), in the format the README documents. The flow's traffic parameter replaces it.")
+    traffic_window_hours: float | None = Field(None, gt=0, description="Score only records whose `time` is this recent (None: "
+                                               "every record the files hold).")
+    traffic_sample: int = Field(2000, ge=1, description="Score at most this many traffic records (a seeded sample of them).")
+    injection_canaries: list[str] = Field(default_factory=list, description="Secret strings planted in your system prompt: "
+                                          "an output holding one is an injection leak (the red-team probes' canaries count too).")
+    thresholds: list[MonitorThreshold] = Field(default_factory=_default_thresholds, description="Bounds whose breach alerts "
+                                               "(and rolls back where the model's policy allows).")
+    drift_tolerance: float = Field(0.05, ge=0, description="A metric drifted when its interval lies entirely worse than the "
+                                   "value recorded at evaluation by more than this (beyond noise and beyond the tolerance).")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Level of the drift intervals.")
+    bootstrap_samples: int = Field(1000, ge=100, le=100_000, description="Resamples of each drift interval.")
+
+    @field_validator("every")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        schedule_seconds(value)
+        return value
+
+
 class ServingCostSection(Section):
     requests_per_month: int = Field(0, ge=0, description="Requests the model would serve a month (0: no serving projection).")
     prompt_tokens: int = Field(500, ge=0, description="Prompt tokens of a typical request.")
@@ -889,6 +990,7 @@ class Recipe(Section):
     approval: ApprovalSection = Field(default_factory=ApprovalSection)
     compare: CompareSection = Field(default_factory=CompareSection)
     cost: CostSection = Field(default_factory=CostSection)
+    monitoring: MonitoringSection = Field(default_factory=MonitoringSection)
 
     @model_validator(mode="after")
     def _data_and_gates_fit_the_method(self) -> "Recipe":

@@ -84,6 +84,11 @@ Merged vs adapter model: {json.dumps(equivalence) if equivalence else 'not expor
 ## Approval
 {APPROVAL_PLACEHOLDER}
 
+## How outputs are monitored
+{_monitoring_lines(manifest['recipe'].get('monitoring'))}
+
+{MONITORING_PLACEHOLDER}
+
 ## Limitations
 Evaluated only on the suites above. Safety probes are a screening (refusal phrases, canaries, PII patterns), not a
 red-team exercise by people.
@@ -172,3 +177,26 @@ def _benchmark_lines(benchmarks: dict | None) -> str:
 APPROVAL_PLACEHOLDER = ("Recorded in the registry's audit log, not in this file (a registered version's files never change): "
                         "`ftpipe registry card MODEL VERSION` renders this card with the decisions, and `ftpipe registry verify "
                         "MODEL` checks them.")
+MONITORING_PLACEHOLDER = ("Monitoring history: in the registry's audit log (`ftpipe registry card MODEL VERSION` renders it "
+                          "here; `ftpipe monitor MODEL` runs a check).")
+
+
+def _monitoring_lines(monitoring: dict | None) -> str:
+    """The plan the version was registered with: what is sent, what is read, what breaches."""
+    if not monitoring:
+        return "No monitoring section in this version's recipe (registered before ftpipe monitored outputs)."
+    endpoint = monitoring.get("endpoint") or {}
+    thresholds = "; ".join(f"{t['metric']} {'>=' if t.get('min') is not None else '<='} "
+                           f"{t['min'] if t.get('min') is not None else t['max']:g}" for t in monitoring["thresholds"]) or "none"
+    return "\n".join([
+        f"- every {monitoring['every']} (`ftpipe serve --monitor MODEL`), against {endpoint.get('base_url') or 'the endpoint the run names'}",
+        f"- canary suite: {monitoring['canary_rows']} held-out rows{' and the red-team probes' if monitoring['canary_probes'] else ''} "
+        "(canary.jsonl), scored as at evaluation",
+        f"- traffic: {monitoring.get('traffic') or 'the files the run names'}; refusals, PII the request did not hold, injection "
+        "canaries, JSON validity, cut-off answers, length, latency, task metrics where references exist",
+        f"- thresholds: {thresholds}",
+        f"- drift: a metric whose {monitoring['confidence']:g} interval lies worse than at evaluation by more than "
+        f"{monitoring['drift_tolerance']:g}",
+        "- a breach emits the Prefect event ftpipe.monitoring.breach, is recorded in the audit log and, where the model's "
+        "policy says so (`ftpipe registry policy --rollback-on-breach`), moves production back to the previous version",
+    ])

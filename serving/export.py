@@ -60,6 +60,9 @@ class ArtifactResult:
         return check_checksums(Path(self.path), listed)
 
 
+CANARY_FILE = "canary.jsonl"  # evaluation.monitor reads it
+
+
 def export_artifact(
     section: ExportSection,
     model_section: ModelSection,
@@ -67,8 +70,10 @@ def export_artifact(
     eval_path: str,
     lineage: dict,
     out_dir: str | Path,
+    canary: list[dict] = (),
 ) -> ArtifactResult:
-    """Write out_dir/artifact: model/ (merged), adapter/, manifest.json, README.md, the vLLM launch files and k8s/."""
+    """Write out_dir/artifact: model/ (merged), adapter/, manifest.json, README.md, the vLLM launch files, k8s/ and
+    the canary suite production is monitored with (canary.jsonl, when given)."""
     out_dir = Path(out_dir)
     final = out_dir / "artifact"
     staging = out_dir / f".artifact.staging-{os.getpid()}"
@@ -87,6 +92,8 @@ def export_artifact(
             manifest["quantized"] = quantized
         manifest["serving"]["files"] = write_serving_assets(staging, manifest)
         atomic_write_text(staging / "README.md", model_card(manifest))
+        if canary:
+            atomic_write_text(staging / CANARY_FILE, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in canary))
         manifest["files"] = checksums(staging)
         atomic_write_json(staging / "manifest.json", manifest)
         if problems := check_artifact(staging):  # what `ftpipe check-artifact` would say of the published folder

@@ -203,11 +203,13 @@ class Registry:
             self.set_alias(model, alias, existing.version, by, reason=f"registered from {artifact}")
         return existing
 
-    def set_alias(self, model: str, alias: str, version: str, by: str, reason: str = "") -> dict:
-        """Point alias at a complete version, recording who, when, from which version and why."""
+    def set_alias(self, model: str, alias: str, version: str, by: str, reason: str = "", rollback: bool = False) -> dict:
+        """Point alias at a complete version, recording who, when, from which version and why (and whether it was a
+        rollback, which is never a promotion to roll back to)."""
         self.version(model, version)
         previous = self.aliases(model).get(alias)
-        entry = self.append(model, "alias", by, {"alias": alias, "version": str(version), "previous": previous, "reason": reason})
+        data = {"alias": alias, "version": str(version), "previous": previous, "reason": reason} | ({"rollback": True} if rollback else {})
+        entry = self.append(model, "alias", by, data)
         log.info("%s: %s %s -> %s by %s", model, alias, previous, version, by)
         return {**entry.data, "by": by, "at": entry.at}
 
@@ -227,22 +229,31 @@ class Registry:
                                 "policy now requires approval: run the recipe again and approve that run")
         return self.set_alias(model, PRODUCTION, version, by, reason or "promoted")
 
+    def previous_production(self, model: str, skip_rollbacks: bool = False) -> str:
+        """The version production pointed at before the current one (RegistryError when there is none). With
+        skip_rollbacks (monitoring's automatic rollback), a rollback's move is skipped: after rolling back from 2 to 1,
+        the version before 1 is the one before 1's own promotion, never 2 again; a person's `registry rollback` may
+        undo a rollback."""
+        current = self.aliases(model).get(PRODUCTION)
+        if current is None:
+            raise RegistryError(f"{model} has no production version to roll back from")
+        earlier = [m["previous"] for m in reversed(self.history(model)) if m["alias"] == PRODUCTION and m["version"] == current
+                   and not (skip_rollbacks and m.get("rollback")) and m["previous"] not in (None, current)]
+        if not earlier:
+            raise RegistryError(f"{model}: production ({current}) has no earlier production version; give --to VERSION")
+        return earlier[0]
+
     def rollback(self, model: str, by: str, to: str | None = None, reason: str = "") -> dict:
         """Move production back: to `to`, or to the version production pointed at before the current one."""
         current = self.aliases(model).get(PRODUCTION)
         if current is None:
             raise RegistryError(f"{model} has no production version to roll back from")
-        if to is None:
-            earlier = [m["previous"] for m in reversed(self.history(model))
-                       if m["alias"] == PRODUCTION and m["version"] == current and m["previous"] not in (None, current)]
-            if not earlier:
-                raise RegistryError(f"{model}: production ({current}) has no earlier production version; give --to VERSION")
-            to = earlier[0]
+        to = to if to is not None else self.previous_production(model)
         if not any(m["alias"] == PRODUCTION and m["version"] == str(to) for m in self.history(model)):
             raise RegistryError(f"{model} version {to} was never in production; roll back only to a version that was "
                                 "(use `ftpipe registry promote` for an approved new one)")
         self._require_intact(self.version(model, str(to)))
-        return self.set_alias(model, PRODUCTION, str(to), by, reason or f"rollback from {current}")
+        return self.set_alias(model, PRODUCTION, str(to), by, reason or f"rollback from {current}", rollback=True)
 
     # ---- internals -----------------------------------------------------------------------------------------
     def _require_intact(self, version: Version) -> None:
