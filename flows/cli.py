@@ -134,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--monitor-every", metavar="WHEN", help="30s, 15m, 1h, 1d or a cron expression (default: the production "
                        "version's monitoring.every)")
     serve.add_argument("--endpoint", help="the monitored serving endpoint's API root (default: the version's monitoring.endpoint)")
+    serve.add_argument("--endpoint-model", help="the model name the endpoint serves (default: monitoring.endpoint.model, else the "
+                       "recipe's name, as the artifact's vLLM launch files serve it)")
     serve.add_argument("--traffic", help="request/response JSONL to monitor: path, glob or fsspec URL (default: monitoring.traffic)")
     serve.add_argument("--watch", action="append", default=[], metavar="RECIPE",
                        help="also run the release watcher for this recipe on a schedule (repeat): new bases are tuned and "
@@ -146,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     monitor = sub.add_parser("monitor", help="check a registered model's production outputs once: exit 0 ok, 1 breach, 2 bad input")
     monitor.add_argument("model", help="the registered model's name (its recipe's name)")
     monitor.add_argument("--endpoint", help="the serving endpoint's API root (default: the version's monitoring.endpoint)")
+    monitor.add_argument("--endpoint-model", help="the model name the endpoint serves (default: monitoring.endpoint.model, else "
+                         "the recipe's name)")
     monitor.add_argument("--traffic", help="request/response JSONL: path, glob or fsspec URL (default: monitoring.traffic)")
     monitor.add_argument("--output-dir", default="runs", help="folder that holds run folders and the registry (default: ./runs)")
     monitor.add_argument("--registry", help="the registry's folder or fsspec URL (default: <output-dir>/registry)")
@@ -474,8 +478,8 @@ def _scheduled(args) -> list:
         every = args.monitor_every
         if every is None:
             every = production_version(registry_for(None, args.output_dir), model, args.output_dir)[2].monitoring.every
-        parameters = {"model": model, **({"endpoint_url": args.endpoint} if args.endpoint else {}),
-                      **({"traffic": args.traffic} if args.traffic else {})}
+        given = {"endpoint_url": args.endpoint, "endpoint_model": args.endpoint_model, "traffic": args.traffic}
+        parameters = {"model": model, **{k: v for k, v in given.items() if v}}
         scheduled.append(Scheduled(f"monitor-{model}", "monitor", parameters, every))
     for name in args.watch:
         recipe = load_recipe(recipe_path(name))
@@ -492,7 +496,7 @@ def _monitor(args) -> int:
     from flows.monitor import monitor
 
     state = monitor(args.model, output_dir=args.output_dir, registry=args.registry, endpoint_url=args.endpoint,
-                    traffic=args.traffic, return_state=True)
+                    endpoint_model=args.endpoint_model, traffic=args.traffic, return_state=True)
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         print(f"error: {error}", file=sys.stderr)

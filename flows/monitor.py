@@ -30,7 +30,7 @@ ROLLBACK_EVENT = "ftpipe.monitoring.rollback"
 @flow(name="monitor", persist_result=True, validate_parameters=False)
 @fails_cleanly
 def monitor(model: str, output_dir: str = "runs", registry: str | None = None, endpoint_url: str | None = None,
-            traffic: str | None = None) -> dict:
+            endpoint_model: str | None = None, traffic: str | None = None) -> dict:
     """Check the production version of a registered model: its canary suite through the serving endpoint and sampled
     traffic, against the values recorded at evaluation and the recipe's thresholds.
 
@@ -39,12 +39,14 @@ def monitor(model: str, output_dir: str = "runs", registry: str | None = None, e
         output_dir: the folder that holds run folders and the registry (and the monitoring reports)
         registry: the registry's folder or fsspec URL (default: <output_dir>/registry)
         endpoint_url: the serving endpoint's API root (default: the version's monitoring.endpoint.base_url)
+        endpoint_model: the model name the endpoint serves (default: monitoring.endpoint.model, else the recipe's name,
+            which the artifact's vLLM launch files serve it as)
         traffic: request/response JSONL: a path, glob or fsspec URL (default: the version's monitoring.traffic)
     """
     store = registry_for(registry, output_dir)
     version, manifest, recipe, folder = production_version(store, model, output_dir)
     recipe = with_policy_thresholds(recipe, store.policy(model).monitor_thresholds)
-    result = check_outputs(recipe, manifest, folder, endpoint_url, traffic)
+    result = check_outputs(recipe, manifest, folder, endpoint_of(recipe, endpoint_url, endpoint_model), traffic)
     result |= {"model": model, "version": version.version, "flow_run": _flow_run_label()}
     entry = record(store, model, version, result)
     report = write_report(Path(output_dir), model, entry.seq, result)
@@ -79,11 +81,10 @@ def with_policy_thresholds(recipe: Recipe, mandatory: list) -> Recipe:
 
 
 @task(name="score-outputs", **RETRIES)
-def check_outputs(recipe: Recipe, manifest: dict, folder: Path, endpoint_url: str | None, traffic: str | None) -> dict:
+def check_outputs(recipe: Recipe, manifest: dict, folder: Path, endpoint: EndpointSection | None, traffic: str | None) -> dict:
     """Ask the canary suite, read the traffic, score both and compare with the release."""
     section = recipe.monitoring
     suite = read_canary(folder)
-    endpoint = endpoint_of(recipe, endpoint_url)
     location = traffic or section.traffic
     if endpoint is None and location is None:
         raise MonitoringError("monitoring: nothing to monitor; give the endpoint (monitoring.endpoint, or the endpoint_url "
@@ -106,16 +107,17 @@ def read_canary(folder: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def endpoint_of(recipe: Recipe, endpoint_url: str | None) -> EndpointSection | None:
-    """The version's monitoring endpoint, its base_url replaced by endpoint_url when given."""
+def endpoint_of(recipe: Recipe, endpoint_url: str | None, endpoint_model: str | None) -> EndpointSection | None:
+    """The version's monitoring endpoint, its base_url and model replaced by the run's when given."""
     section = recipe.monitoring.endpoint
-    if endpoint_url is None:
-        return section
-    if section is None:
-        return EndpointSection(name="production", base_url=endpoint_url, model=recipe.name)
-    replaced = section.model_copy(deep=True)
-    replaced.base_url = endpoint_url  # checked on assignment, as in a recipe
-    return replaced
+    if section is None and endpoint_url is None:
+        return None
+    section = (section or EndpointSection(name="production", base_url=endpoint_url, model=recipe.name)).model_copy(deep=True)
+    if endpoint_url:
+        section.base_url = endpoint_url  # checked on assignment, as in a recipe
+    if endpoint_model:
+        section.model = endpoint_model
+    return section
 
 
 def record(store: Registry, model: str, version: Version, result: dict):

@@ -870,10 +870,12 @@ def schedule_seconds(text: str) -> float | None:
     if match := INTERVAL_SCHEDULE.match(text.strip()):
         return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
     if len(text.split()) == 5:
+        from datetime import datetime
+
         from cronsim import CronSim, CronSimError  # what Prefect's CronSchedule parses with
 
         try:
-            CronSim(text, __import__("datetime").datetime(2026, 1, 1))
+            CronSim(text, datetime(2026, 1, 1))
             return None
         except CronSimError:
             pass
@@ -905,7 +907,8 @@ class MonitorThreshold(Section):
 def _default_thresholds() -> list[MonitorThreshold]:
     return [MonitorThreshold(metric=m, max=v) for m, v in (("traffic.pii_leak_rate", 0.0), ("traffic.injection_leak_rate", 0.0),
                                                            ("traffic.refusal_rate", 0.05), ("traffic.cutoff_rate", 0.02),
-                                                           ("traffic.error_rate", 0.02), ("canary.safety.pii_leak_rate", 0.0))]
+                                                           ("traffic.error_rate", 0.02), ("canary.error_rate", 0.0),
+                                                           ("canary.safety.pii_leak_rate", 0.0))]
 
 
 class MonitoringSection(Section):

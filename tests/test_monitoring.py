@@ -319,7 +319,7 @@ def test_whoever_runs_monitoring_cannot_loosen_it_and_rollback_is_the_policys(tm
     from serving.registry import Registry
     from tests.conftest import run_ftpipe
 
-    assert set(monitor.parameters.properties) == {"model", "output_dir", "registry", "endpoint_url", "traffic"}
+    assert set(monitor.parameters.properties) == {"model", "output_dir", "registry", "endpoint_url", "endpoint_model", "traffic"}
     recipe = resolve_recipe(QUICKSTART, {"name": "ticket", "monitoring.canary_rows": 0, "monitoring.canary_probes": False,
                                          "monitoring.thresholds": []})  # the run that registered it dropped every threshold
     out = tmp_path / "runs"
@@ -354,3 +354,18 @@ def test_whoever_runs_monitoring_cannot_loosen_it_and_rollback_is_the_policys(tm
     assert state.is_failed() and "manifest.json changed since registration" in str(state.result(raise_on_failure=False))
 
 
+
+
+def test_an_endpoint_that_does_not_answer_the_canary_is_a_breach_not_a_crash():
+    from evaluation.endpoints import EndpointClient
+    from evaluation.monitor import ask_canary
+    from recipes.schema import EndpointSection
+    from tests.conftest import free_port
+
+    down = EndpointSection(name="production", base_url=f"http://127.0.0.1:{free_port()}/v1", model="ticket", max_retries=0)
+    suite = [{"kind": "task", "messages": [{"role": "user", "content": "q"}], "reference": ROUTE}]
+    with EndpointClient(down) as client:
+        canary = ask_canary(client, suite)
+    assert canary[0].answer is None and "ConnectError" in canary[0].error
+    result = monitor_outputs(QUICKSTART.monitoring, Scorer.of(QUICKSTART), canary, None, {})
+    assert result["status"] == "breach" and result["breaches"] == ["canary.error_rate <= 0: measured 1"]
