@@ -88,10 +88,12 @@ def refused(exc: Exception) -> int:
 
 
 def registry_errors():
+    """What the command line reports as a refused input (exit 2), one line, no traceback."""
+    from evaluation.monitor import MonitoringError
     from governance.audit import AuditError
     from serving.registry import RegistryError
 
-    return RegistryError, AuditError
+    return RegistryError, AuditError, MonitoringError
 
 
 def _list(args) -> int:

@@ -7,6 +7,7 @@ the traffic files, both recorded), never what counts as a breach or whether prod
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from prefect import flow, task
@@ -51,11 +52,17 @@ def monitor(model: str, output_dir: str = "runs", registry: str | None = None, e
     entry = record(store, model, version, result)
     report = write_report(Path(output_dir), model, entry.seq, result)
     history = [e for e in store.events(model) if e.event == "monitoring"]
-    create_markdown_artifact(key=f"monitoring-{model}", markdown=monitoring_markdown(result, history, report),
+    key = artifact_key(model)
+    create_markdown_artifact(key=key, markdown=monitoring_markdown(result, history, report),
                              description=f"{model} version {version.version}: {result['status']}")
-    create_table_artifact(key=f"monitoring-{model}-metrics", table=monitoring_table(result),
+    create_table_artifact(key=f"{key}-metrics", table=monitoring_table(result),
                           description=f"{model} version {version.version}: every monitored metric, its interval and drift")
     return {k: result[k] for k in ("model", "version", "status", "breaches", "rollback")} | {"audit_entry": entry.seq, "report": str(report)}
+
+
+def artifact_key(model: str) -> str:
+    """monitoring-<model> in the characters Prefect allows in an artifact key (lowercase letters, digits, dashes)."""
+    return "monitoring-" + re.sub(r"[^a-z0-9-]", "-", model)
 
 
 def production_version(store: Registry, model: str, output_dir: str) -> tuple[Version, dict, Recipe, Path]:

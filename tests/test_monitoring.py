@@ -369,3 +369,12 @@ def test_an_endpoint_that_does_not_answer_the_canary_is_a_breach_not_a_crash():
     assert canary[0].answer is None and "ConnectError" in canary[0].error
     result = monitor_outputs(QUICKSTART.monitoring, Scorer.of(QUICKSTART), canary, None, {})
     assert result["status"] == "breach" and result["breaches"] == ["canary.error_rate <= 0: measured 1"]
+
+
+def test_the_report_key_is_one_prefect_accepts_for_any_model_name():
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    from flows.monitor import artifact_key
+
+    for name in ("ticket", "ticket_router.v2", "a-b"):
+        assert ArtifactCreate(key=artifact_key(name), type="markdown", data="x").key.startswith("monitoring-")
