@@ -54,9 +54,10 @@ def shot(page, name: str) -> None:
 
 
 def wait_for_text(page, text: str, timeout_s: float, name: str) -> None:
-    """Reload the run's page until it shows `text` (the state badge)."""
+    """Reload the run's page until it shows `text` (the state badge): any visible element with that text, since the
+    first one in the page's order can be a hidden copy (the screenshot of a failed wait showed the badge)."""
     deadline = time.monotonic() + timeout_s
-    while not page.get_by_text(text, exact=True).first.is_visible():
+    while not page.get_by_text(text, exact=True).filter(visible=True).count():
         if time.monotonic() > deadline:
             shot(page, f"{name}-timeout")
             raise AssertionError(f"the page never showed {text!r} (screenshot {name}-timeout.png)")
