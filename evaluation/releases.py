@@ -23,7 +23,7 @@ def base_fingerprint(base: str) -> str:
     the hub resolves the revision to), tiny:<family> by name (built from the recipe's data, never released)."""
     model_id, _, revision = base.partition("@")
     if model_id.startswith(TINY_PREFIX):
-        return f"{model_id}"
+        return model_id
     folder = Path(model_id)
     if folder.is_dir():
         return "sha256:" + folder_digest(folder)

@@ -477,7 +477,7 @@ def _scheduled(args) -> list:
     for model in args.monitor:
         every = args.monitor_every
         if every is None:
-            every = production_version(registry_for(None, args.output_dir), model, args.output_dir)[2].monitoring.every
+            every = production_version(registry_for(None, args.output_dir), model)[2].monitoring.every
         given = {"endpoint_url": args.endpoint, "endpoint_model": args.endpoint_model, "traffic": args.traffic}
         parameters = {"model": model, **{k: v for k, v in given.items() if v}}
         scheduled.append(Scheduled(f"monitor-{model}", "monitor", parameters, every))

@@ -45,7 +45,8 @@ def monitor(model: str, output_dir: str = "runs", registry: str | None = None, e
         traffic: request/response JSONL: a path, glob or fsspec URL (default: the version's monitoring.traffic)
     """
     store = registry_for(registry, output_dir)
-    version, manifest, recipe, folder = production_version(store, model, output_dir)
+    version, manifest, recipe = production_version(store, model)
+    folder = store.local_copy(version, Path(output_dir) / ".registry-cache")
     recipe = with_policy_thresholds(recipe, store.policy(model).monitor_thresholds)
     result = check_outputs(recipe, manifest, folder, endpoint_of(recipe, endpoint_url, endpoint_model), traffic)
     result |= {"model": model, "version": version.version, "flow_run": _flow_run_label()}
@@ -65,17 +66,15 @@ def artifact_key(model: str) -> str:
     return "monitoring-" + re.sub(r"[^a-z0-9-]", "-", model)
 
 
-def production_version(store: Registry, model: str, output_dir: str) -> tuple[Version, dict, Recipe, Path]:
-    """The production version, its manifest, the recipe it was released with (monitoring section included) and a
-    local copy of its files."""
+def production_version(store: Registry, model: str) -> tuple[Version, dict, Recipe]:
+    """The production version, its manifest and the recipe it was released with (monitoring section included)."""
     version = store.resolve(model, PRODUCTION)
     if version is None:
         raise MonitoringError(f"{model} has no production version in {store.uri}; monitoring watches production")
     if problems := store.version_problems(version):  # a loosened manifest is not the recipe the version was released with
         raise MonitoringError(f"{problems[0]}; `ftpipe registry verify {model}` lists every problem")
     manifest = store.manifest(version)
-    recipe = Recipe.model_validate(manifest["recipe"])
-    return version, manifest, recipe, store.local_copy(version, Path(output_dir) / ".registry-cache")
+    return version, manifest, Recipe.model_validate(manifest["recipe"])
 
 
 def with_policy_thresholds(recipe: Recipe, mandatory: list) -> Recipe:

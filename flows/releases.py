@@ -10,6 +10,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from evaluation.leaderboard import best_of
 from evaluation.releases import base_fingerprint, cost_difference, last_seen, review_verdict
 from flows.compare import compare_models, recipe_for_base, require_bases
 from flows.failures import fails_cleanly
@@ -45,7 +46,7 @@ def watch_releases(recipe: RecipeName | Recipe = DEFAULT_RECIPE, bases: list[str
         return {"changed": [], "review": False, "why": "no base appeared or changed since the last check"}
     compared = compare_models(resolve_recipe(recipe, {"compare.promote_best": False}), bases=changed, output_dir=output_dir)
     ranked = compared["leaderboard"]
-    best = next((row for row in ranked if row["base"] == compared["best"]), None)
+    best = best_of(ranked)
     production = store.resolve(recipe.name, PRODUCTION)
     production_manifest = store.manifest(production) if production else None
     review, why = review_verdict(best, ranked, recipe.compare.objective, production_manifest)
